@@ -1,0 +1,81 @@
+"""Decoded images/s that genflow's train loader delivers from shards, with 2 loader workers.
+
+    python benchmarks/loader.py [--n 6000] [--batch-size 128] [--epochs 3]
+
+Writes a synthetic sample, prepares it (shards of 1000), then iterates whole epochs of
+train_loader(num_workers=2) in this process, as a training loop would, and reports the best
+epoch, worker start-up included (workers restart every epoch). Target: >= 10,000 images/s.
+For the choice of PPM in the shards it also prints what decoding one 64x64 image costs as
+PPM (what the loader does) and as PNG with Pillow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from genflow.config import DataParams
+from genflow.data.loader import train_loader
+from genflow.data.shards import ppm_header, prepare
+from genflow.data.synth import write_sample
+
+TARGET = 10_000
+
+
+def per_image_decode_us(images: list[np.ndarray]) -> dict[str, float]:
+    header = ppm_header(images[0].shape[0])
+    ppms = [header + image.tobytes() for image in images]
+    pngs = []
+    for image in images:
+        stream = io.BytesIO()
+        Image.fromarray(image).save(stream, "PNG", compress_level=1)
+        pngs.append(stream.getvalue())
+    decoders = {
+        "ppm (genflow)": lambda data: np.frombuffer(data, np.uint8, offset=len(header)).reshape(images[0].shape),
+        "png (Pillow)": lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+    }
+    timings = {}
+    for (name, decode), encoded in zip(decoders.items(), (ppms, pngs)):
+        start = time.perf_counter()
+        for data in encoded:
+            decode(data)
+        timings[name] = (time.perf_counter() - start) / len(encoded) * 1e6
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=6000, help="images in the synthetic sample (70% train)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="genflow-bench-") as tmp:
+        tmp = Path(tmp)
+        write_sample(tmp / "sample", n=args.n, seed=0)
+        prepare(DataParams(source=str(tmp / "sample"), shards=str(tmp / "shards"), shard_size=1000))
+        loader = train_loader(tmp / "shards", batch_size=args.batch_size, num_workers=2, seed=0)
+        best, kept = 0.0, []
+        for _ in range(args.epochs):
+            start, seen = time.perf_counter(), 0
+            for images, attrs in loader:
+                seen += len(images)
+                if len(kept) < 200:
+                    kept += [np.asarray(image.permute(1, 2, 0).mul(255).round().byte()) for image in images[:8]]
+            best = max(best, seen / (time.perf_counter() - start))
+        decode_us = per_image_decode_us(kept[:200])
+
+    ratio = best / TARGET
+    print(f"\ntrain_loader, 2 workers, batch {args.batch_size}, {seen} train images/epoch, best of {args.epochs} epochs:")
+    print(f"  {best:9.0f} images/s   target >= {TARGET}: {ratio:.2f}x, {'meets' if ratio >= 1 else 'MISSES'}")
+    print("  decoding one 64x64 image, for the shard format: " + ", ".join(f"{k} {v:.1f} us" for k, v in decode_us.items()))
+
+
+if __name__ == "__main__":
+    main()

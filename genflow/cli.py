@@ -1,0 +1,194 @@
+"""The `genflow` command. Every subcommand reads params.yaml (embedded defaults where it is
+missing) and takes `-S key=value` overrides of any params key, as `dvc exp run -S` does.
+
+    genflow data synth data/sample --n 2000
+    genflow data prepare
+    genflow train vae --workers 2 --max-steps 300
+    genflow evaluate vae
+    genflow register vae
+    genflow registry list
+    genflow registry promote celeba64-vae 3 --to staging
+    genflow sample celeba64-vae@staging --n 64 --out grid.png
+    genflow tune vae --trials 8
+    genflow submit --address http://HEAD:8265 -- train vae --workers 8 --gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import genflow  # noqa: F401  (turns telemetry off before Ray/MLflow/DVC load)
+from genflow.config import Params, ParamsError, load_params
+
+
+def _params(args: argparse.Namespace, extra: list[str] | None = None) -> Params:
+    return load_params(args.params, list(extra or []) + list(args.set or []))
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from genflow.data.synth import write_sample
+
+    write_sample(args.out, n=args.n, layout=args.layout, seed=args.seed)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from genflow.data.shards import prepare
+
+    extra = []
+    if args.source:
+        extra.append(f"data.source={args.source}")
+    if args.out:
+        extra.append(f"data.shards={args.out}")
+    prepare(_params(args, extra).data)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from genflow.train.trainer import train
+
+    extra = []
+    if args.workers is not None:
+        extra.append(f"train.workers={args.workers}")
+    if args.gpu:
+        extra.append("train.gpu=true")
+    if args.max_steps is not None:
+        extra.append(f"train.max_steps={args.max_steps}")
+    result = train(args.family, _params(args, extra))
+    print(f"run {result.mlflow_run_id}: {result.summary()}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from genflow.eval.report import evaluate_family
+
+    evaluate_family(args.family, _params(args))
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from genflow.track.registry import register_family
+
+    version = register_family(args.family, _params(args))
+    print(f"registered {version.name} version {version.version} (alias candidate)")
+
+
+def cmd_registry_list(args: argparse.Namespace) -> None:
+    from genflow.track.registry import format_registry
+
+    print(format_registry(_params(args)))
+
+
+def cmd_registry_promote(args: argparse.Namespace) -> None:
+    from genflow.track.registry import promote
+
+    message = promote(_params(args), args.model, args.version, args.to, force=args.force, reason=args.reason)
+    print(message)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from genflow.track.registry import sample_grid
+
+    sample_grid(_params(args), args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed)
+    print(f"wrote {args.out}")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from genflow.tune.search import tune
+
+    extra = [f"tune.{args.family}.trials={args.trials}"] if args.trials is not None else []
+    best = tune(args.family, _params(args, extra))
+    print(f"best trial: {best}")
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from genflow.submit import submit
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ParamsError("submit: give the genflow subcommand after --, e.g. -- train vae --workers 4")
+    submit(args.address, command, wait=not args.no_wait)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from genflow.models.families import FAMILY_NAMES
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default=None, help="params file (default: ./params.yaml, else embedded defaults)")
+    common.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="override a params key (dotted), repeatable")
+
+    parser = argparse.ArgumentParser(prog="genflow", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="CelebA sample and shards").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write a CelebA-format sample", parents=[common])
+    p.add_argument("out")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--layout", choices=["official", "zip", "kaggle"], default="official")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("prepare", help="CelebA -> 64x64 WebDataset shards", parents=[common])
+    p.add_argument("--source", help="CelebA folder or zip, or 'sample' (default: data.source)")
+    p.add_argument("--out", help="shard folder (default: data.shards)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="train a family with Ray Train", parents=[common])
+    p.add_argument("family", choices=FAMILY_NAMES)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--max-steps", type=int)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune", parents=[common])
+    p.add_argument("family", choices=FAMILY_NAMES)
+    p.add_argument("--trials", type=int)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("evaluate", help="evaluate the family's latest training run", parents=[common])
+    p.add_argument("family", choices=FAMILY_NAMES)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("register", help="register the latest evaluated run as a candidate", parents=[common])
+    p.add_argument("family", choices=FAMILY_NAMES)
+    p.set_defaults(func=cmd_register)
+
+    registry = sub.add_parser("registry", help="the MLflow model registry").add_subparsers(dest="registry_command", required=True)
+    p = registry.add_parser("list", help="models, versions, aliases, key metrics", parents=[common])
+    p.set_defaults(func=cmd_registry_list)
+    p = registry.add_parser("promote", help="move an alias to a version (gated on metrics)", parents=[common])
+    p.add_argument("model")
+    p.add_argument("version")
+    p.add_argument("--to", choices=["staging", "production"], required=True)
+    p.add_argument("--force", action="store_true", help="promote even if the metric is worse")
+    p.add_argument("--reason", default="", help="recorded on the version")
+    p.set_defaults(func=cmd_registry_promote)
+
+    p = sub.add_parser("sample", help="write a grid of samples from a registered model", parents=[common])
+    p.add_argument("model", help="NAME@ALIAS or NAME/VERSION")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attr", action="append", metavar="NAME=0|1", help="attribute condition (conditional models)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("submit", help="run a genflow subcommand on a Ray cluster (Ray Jobs API)")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from genflow.submit import SubmitError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ParamsError, FileNotFoundError, ValueError, ConnectionError, SubmitError) as err:
+        # Expected failures (bad params, missing data, refused promotion) end with one clear
+        # line, not a traceback; anything else is a bug and keeps its traceback.
+        print(f"genflow: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Typed, validated params: one schema for params.yaml, the CLI's `-S key=value` and DVC.
+
+The defaults below are the embedded defaults: genflow runs with no params.yaml at all, and
+the params.yaml shipped in the project repeats them so that DVC can track each one.
+A family's own hyperparameters are declared next to its model (``config_class``) and live
+under ``models.FAMILY`` here; they are validated against that class when the family is used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ParamsError(ValueError):
+    """A params file, an override or a value is wrong; the message says which and how to fix it."""
+
+
+class StrictModel(BaseModel):
+    # Unknown keys are errors, not silently ignored typos; "model_" names are ours to use.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SampleParams(StrictModel):
+    """The embedded CelebA-format sample that `genflow data synth` writes (the default source)."""
+
+    dir: str = "data/sample"
+    n: int = Field(2000, ge=10)
+    seed: int = 0
+    layout: Literal["official", "zip", "kaggle"] = "official"
+
+
+class DataParams(StrictModel):
+    # "sample" (the synth stage's output) or the path of a CelebA folder or zip.
+    source: str = "sample"
+    sample: SampleParams = SampleParams()
+    shards: str = "data/shards"
+    crop: int = Field(148, ge=8, le=178, description="centre crop side in source pixels")
+    size: int = Field(64, ge=8)
+    train_fraction: float = Field(0.7, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    shard_size: int = Field(5000, ge=1, description="images per shard")
+    max_reject_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    processes: int = Field(0, ge=0, description="prepare's processes; 0 = one per core")
+
+    def source_path(self) -> Path:
+        return Path(self.sample.dir if self.is_sample() else self.source)
+
+    def is_sample(self) -> bool:
+        return self.source == "sample"
+
+
+class TrainParams(StrictModel):
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    max_steps: int = Field(300, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 turns clipping off")
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    loader_workers: int = Field(1, ge=0)
+    bf16: bool = Field(True, description="bf16 autocast (GPU only)")
+    compile: bool = False
+    storage_path: str = "ray_results"
+    run_name: str = Field("", description="Ray/MLflow run name; empty = the family name")
+
+
+class TrackingParams(StrictModel):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "celeba64"
+
+    def resolved_uri(self) -> str:
+        # The environment wins, as MLflow users expect.
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.uri
+
+
+class RayParams(StrictModel):
+    address: str = Field("", description="Ray cluster address; empty = start Ray locally")
+
+
+class EvaluateParams(StrictModel):
+    batches: int = Field(8, ge=1, description="test batches evaluated")
+    batch_size: int = Field(64, ge=1)
+    sample_n: int = Field(64, ge=1)
+
+
+class Params(StrictModel):
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    tracking: TrackingParams = TrackingParams()
+    ray: RayParams = RayParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    # models.FAMILY: that family's hyperparameters (validated by `family_config`).
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # tune.FAMILY: that family's search space and search settings (validated by genflow.tune).
+    tune: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_families(self) -> "Params":
+        # Every family section is checked when the params are read, not when (and if) the
+        # family is trained: a typo in models.vae fails `dvc repro` at once.
+        from genflow.models.families import FAMILY_NAMES
+
+        for family in self.models:
+            if family not in FAMILY_NAMES:
+                raise ValueError(f"models.{family}: unknown family; known: {', '.join(FAMILY_NAMES)}")
+            self.family_config(family)
+        return self
+
+    def family_config(self, family: str):
+        """The family's typed config: its class defaults, updated by `models.FAMILY`."""
+        from genflow.models.families import get_family
+
+        model_class = get_family(family)
+        try:
+            return model_class.config_class(**self.models.get(family, {}))
+        except ValidationError as err:
+            raise ParamsError(_describe(err, prefix=f"models.{family}.")) from None
+
+
+def _describe(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        if not e["loc"]:  # raised by a whole-model validator: its message names the key itself
+            lines.append(e["msg"].removeprefix("Value error, "))
+            continue
+        where = prefix + ".".join(str(p) for p in e["loc"])
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"{where}: {e['msg']}{got}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value); the value is read as YAML, as `dvc exp run -S` does."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"override {text!r}: expected key=value, e.g. train.max_steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ParamsError(f"override {text!r}: value is not valid YAML: {err}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {text!r}: {part} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (embedded defaults where it is missing), apply overrides, validate."""
+    path = Path(path or PARAMS_FILE)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Params(**raw)
+    except ValidationError as err:
+        raise ParamsError(f"{path}: invalid params: " + _describe(err)) from None
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the form MLflow params and DVC's -S keys take."""
+    if isinstance(tree, BaseModel):
+        tree = tree.model_dump()
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat

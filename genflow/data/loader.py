@@ -1,0 +1,227 @@
+"""Stream the prepared shards as torch DataLoaders of (images, attrs) batches.
+
+    loader = train_loader("data/shards", batch_size=64, rank=rank, world_size=world_size, num_workers=2)
+    for epoch in range(epochs):
+        for images, attrs in loader:  # float32 [B, 3, 64, 64] in image_range; float32 [B, 40] in {0, 1}
+            ...
+
+One iteration of a train loader is one epoch; the next iteration is the next epoch (reshuffled),
+or the one `set_epoch` names (resuming from a checkpoint). How an epoch is divided, so that DDP
+ranks never wait on each other and every sample is seen once:
+  1. All ranks derive the same plan from (seed, epoch): the split's shards in a shuffled order,
+     read as one sequence of N samples, started at a random offset.
+  2. Rank r takes the next ceil(N / world_size) samples from position r * ceil(N / world_size),
+     wrapping around. Every rank has the same count, so the same number of batches; when N is
+     not a multiple of world_size the last rank wraps onto the first samples (fewer than
+     world_size repeats). When it is, each sample is seen exactly once per epoch.
+  3. The rank's batches are cut into contiguous blocks, one per DataLoader worker; a worker
+     reads only the shards its block covers, shuffles within a buffer and yields whole batches.
+     Only the block holding the rank's last batch has a short batch, so the rank yields
+     ceil(count / batch_size) batches whatever the number of workers.
+Samples (not shards) are the unit of this split, so counts are exact however many shards there are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from genflow.data.celeba import ATTRIBUTE_NAMES
+from genflow.data.shards import ATTRS_EXT, ATTRS_NPY_HEADER, IMAGE_EXT, ppm_header
+
+_SHUFFLE_BUFFER = 2000  # samples (~12 KB each) held per worker to mix the shards it reads
+
+
+def read_stats(shards: str | Path) -> dict:
+    """stats.json of a finished prepare; a clear error when the folder is not one."""
+    folder = Path(shards)
+    path = folder / "stats.json"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such shard folder; run `genflow data prepare` (data.shards)")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder}: no stats.json, so not a finished `genflow data prepare` output (interrupted?); run it again"
+        )
+    return json.loads(path.read_text())
+
+
+def dataset_digest(shards: str | Path) -> str:
+    """One sha256 over every shard's sha256: names the exact data a model was trained on."""
+    stats = read_stats(shards)
+    lines = sorted(f"{shard['file']} {shard['sha256']}\n" for split in stats["shards"].values() for shard in split)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches of one split for one epoch; see the module docstring for the plan."""
+
+    def __init__(
+        self,
+        shards: str | Path,
+        split: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        image_range: tuple[float, float] = (0.0, 1.0),
+        limit_batches: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+        folder = Path(shards)
+        stats = read_stats(folder)
+        listed = stats["shards"].get(split)
+        if not listed:
+            raise ValueError(f"{folder}: no {split!r} shards (splits: {', '.join(stats['shards'])}); run `genflow data prepare`")
+        for shard in listed:
+            path = folder / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                raise FileNotFoundError(f"{path}: missing or not the size stats.json records; run `genflow data prepare` again")
+        self.files = [str(folder / shard["file"]) for shard in listed]
+        self.counts = [shard["count"] for shard in listed]
+        self.size = stats["params"]["size"]
+        self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.image_range, self.limit_batches = image_range, limit_batches
+
+    @property
+    def samples_per_rank(self) -> int:
+        per_rank = math.ceil(sum(self.counts) / self.world_size)
+        return per_rank if self.limit_batches is None else min(per_rank, self.limit_batches * self.batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.samples_per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        batches = len(self)
+        first_batch, end_batch = batches * worker // workers, batches * (worker + 1) // workers
+        start = first_batch * self.batch_size
+        stop = min(end_batch * self.batch_size, self.samples_per_rank)
+        samples = self._read(self._segments(start, stop))
+        if self.shuffle:
+            rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
+            samples = shuffle(_SHUFFLE_BUFFER, _SHUFFLE_BUFFER, rng=rng)(samples)
+        while batch := list(itertools.islice(samples, self.batch_size)):
+            yield self._collate(batch)
+
+    def _segments(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """(shard index, first, stop) sample ranges covering this worker's [start, stop) of the rank."""
+        order, offset = list(range(len(self.files))), 0
+        total = sum(self.counts)
+        if self.shuffle:
+            rng = random.Random(f"{self.seed}:{self.epoch}")  # the same on every rank
+            rng.shuffle(order)
+            offset = rng.randrange(total)
+        begins = np.cumsum([0] + [self.counts[i] for i in order])
+        segments = []
+        position = (offset + self.rank * math.ceil(total / self.world_size) + start) % total
+        remaining = stop - start
+        while remaining > 0:
+            j = int(np.searchsorted(begins, position, side="right")) - 1
+            first = position - int(begins[j])
+            take = min(remaining, self.counts[order[j]] - first)
+            segments.append((order[j], first, first + take))
+            remaining -= take
+            position = (position + take) % total
+        return segments
+
+    def _read(self, segments: list[tuple[int, int, int]]) -> Iterator[dict]:
+        for shard, first, stop in segments:
+            with open(self.files[shard], "rb") as stream:
+                files = tar_file_expander([{"url": self.files[shard], "stream": stream}])
+                yield from itertools.islice(group_by_keys(files), first, stop)
+
+    def _collate(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The shards' fixed headers are checked, then the bytes are used where they lie: decoding
+        # is a comparison and a copy (see shards.py for why PPM).
+        header, size = ppm_header(self.size), self.size
+        pixels = np.empty((len(batch), 3, size, size), np.uint8)
+        attrs = np.empty((len(batch), len(ATTRIBUTE_NAMES)), np.uint8)
+        for i, sample in enumerate(batch):
+            image, values = sample[IMAGE_EXT], sample[ATTRS_EXT]
+            if not (image.startswith(header) and values.startswith(ATTRS_NPY_HEADER)):
+                raise ValueError(f"{sample['__url__']}: sample {sample['__key__']} is not what prepare writes; run it again")
+            pixels[i] = np.frombuffer(image, np.uint8, offset=len(header)).reshape(size, size, 3).transpose(2, 0, 1)
+            attrs[i] = np.frombuffer(values, np.uint8, offset=len(ATTRS_NPY_HEADER))
+        low, high = self.image_range
+        images = torch.from_numpy(pixels).float().mul_((high - low) / 255.0)
+        if low:
+            images.add_(low)
+        return images, torch.from_numpy(attrs).float()
+
+
+class TrainLoader(DataLoader):
+    """A DataLoader whose every iteration is the next epoch (or the one set_epoch names)."""
+
+    def __init__(self, stream: ShardStream, **kwargs):
+        super().__init__(stream, batch_size=None, **kwargs)
+        self.next_epoch = stream.epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.next_epoch = epoch
+
+    def __iter__(self):
+        # Workers copy the dataset when the iteration starts: set the epoch before that.
+        self.dataset.epoch = self.next_epoch
+        self.next_epoch += 1
+        return super().__iter__()
+
+
+def train_loader(
+    shards: str | Path,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    image_range: tuple[float, float] = (0.0, 1.0),
+    split: str = "train",
+    pin_memory: bool = False,
+) -> TrainLoader:
+    """Shuffled batches of `split` for DDP rank `rank`: the same number of batches on every rank.
+
+    Iterate it once per epoch; `loader.batches_per_epoch` (= len(loader)) batches each time.
+    """
+    stream = ShardStream(shards, split, batch_size, rank, world_size, seed, epoch, shuffle=True, image_range=image_range)
+    return TrainLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def eval_loader(
+    shards: str | Path,
+    *,
+    split: str = "test",
+    batch_size: int,
+    num_workers: int = 0,
+    image_range: tuple[float, float] = (0.0, 1.0),
+    limit_batches: int | None = None,
+) -> DataLoader:
+    """Every sample of `split` once (the first `limit_batches` batches), in shard order.
+
+    With workers, each reads a contiguous block of batches and the DataLoader interleaves
+    them: the order is still the same on every run.
+    """
+    stream = ShardStream(shards, split, batch_size, shuffle=False, image_range=image_range, limit_batches=limit_batches)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers)

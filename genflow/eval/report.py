@@ -1,0 +1,58 @@
+"""`genflow evaluate FAMILY`: test metrics of the family's training run with the current params,
+logged into that MLflow run as `test/*` (what the registry's promotion gate compares).
+
+    genflow evaluate vae          (or: dvc repro evaluate@vae)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+
+from genflow.config import Params
+from genflow.eval.metrics import evaluate_batches, sampling_speed
+from genflow.images import image_grid
+from genflow.track import mlflow as tracking
+from genflow.track.pyfunc import MODEL_ARTIFACT
+
+
+def training_run(family: str, params: Params):
+    """The finished MLflow run that trained `family` with the current params and data."""
+    from genflow.data.loader import dataset_digest
+    from genflow.train.trainer import run_key
+
+    experiment_id = tracking.configure(params.tracking)
+    key = run_key(family, params, dataset_digest(Path(params.data.shards)))
+    return tracking.find_finished_run(experiment_id, family, key)
+
+
+def load_trained_model(run_id: str):
+    """The GenerativeModel inside a run's logged pyfunc."""
+    return mlflow.pyfunc.load_model(f"runs:/{run_id}/{MODEL_ARTIFACT}").unwrap_python_model().model
+
+
+def evaluate_family(family: str, params: Params) -> dict[str, float]:
+    from genflow.data.loader import eval_loader
+
+    run = training_run(family, params)
+    model = load_trained_model(run.info.run_id)
+    device = torch.device("cuda" if params.train.gpu and torch.cuda.is_available() else "cpu")
+    model.to(device)
+    batches = eval_loader(params.data.shards, split="test", batch_size=params.evaluate.batch_size,
+                          image_range=model.image_range, limit_batches=params.evaluate.batches)
+    metrics = evaluate_batches(model, batches, device)
+    metrics["sample_images_per_s"] = sampling_speed(model, params.evaluate.sample_n, device)
+    client = mlflow.MlflowClient()
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    tracking.with_retries(lambda: client.log_batch(run_id, metrics=[
+        mlflow.entities.Metric(f"test/{k}", float(v), now, 0) for k, v in metrics.items()]))
+    generator = torch.Generator(device).manual_seed(0)
+    samples = model.sample(params.evaluate.sample_n, generator=generator) if not model.conditional else \
+        model.sample(params.evaluate.sample_n, cond=torch.zeros(params.evaluate.sample_n, 40, device=device), generator=generator)
+    tracking.with_retries(lambda: client.log_image(run_id, image_grid(samples.cpu()), artifact_file="evaluation/samples.png"))
+    print(f"{family} (run {run_id}): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return {"run_id": run_id, **metrics}

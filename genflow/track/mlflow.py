@@ -1,0 +1,144 @@
+"""MLflow runs: where they live, how they are found again, and rank-0 logging from workers.
+
+The driver (`genflow train`) owns the MLflow run: it creates or resumes it, logs params and the
+dataset, and logs the final model. Rank 0 of the Ray Train workers logs per-step metrics and
+sample grids into that same run by id, so no other rank ever talks to the tracking store.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import genflow  # noqa: F401  (telemetry off before mlflow loads)
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunStatus
+
+from genflow.config import TrackingParams
+
+T = TypeVar("T")
+
+FAMILY_TAG = "genflow.family"
+RUN_KEY_TAG = "genflow.run_key"
+FAILURE_TAG = "genflow.failure"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or used; the message names the URI."""
+
+
+def resolve_tracking_uri(tracking: TrackingParams) -> str:
+    """The tracking URI, with a relative SQLite path made absolute.
+
+    Ray workers run in their own working directory, so `sqlite:///mlflow.db` must name the
+    project's file, not one in each worker's folder.
+    """
+    uri = tracking.resolved_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _check_reachable(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+            pass
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({err}); start it (see infra/mlflow/) "
+            "or unset MLFLOW_TRACKING_URI / tracking.uri to use the local SQLite store"
+        ) from None
+
+
+def configure(tracking: TrackingParams) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    uri = resolve_tracking_uri(tracking)
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = with_retries(lambda: client.get_experiment_by_name(tracking.experiment))
+    if experiment is not None:
+        return experiment.experiment_id
+    # With a local database, artifacts go beside it (not into each worker's directory).
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return with_retries(lambda: client.create_experiment(tracking.experiment, artifact_location=location))
+
+
+def with_retries(action: Callable[[], T], attempts: int = 8) -> T:
+    """Run a tracking call, retrying while SQLite is locked by another writer.
+
+    The default store is one SQLite file; the driver, rank 0 and concurrent Tune trials all
+    write to it, and SQLite answers a busy writer with "database is locked".
+    """
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as err:  # MlflowException wraps sqlalchemy's OperationalError
+            if "database is locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def find_run(experiment_id: str, family: str, run_key: str, client: MlflowClient | None = None):
+    """The newest MLflow run of this family trained with these params (the same run key), or None."""
+    client = client or MlflowClient()
+    runs = with_retries(
+        lambda: client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{FAMILY_TAG}` = '{family}' and tags.`{RUN_KEY_TAG}` = '{run_key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+    )
+    return runs[0] if runs else None
+
+
+def find_finished_run(experiment_id: str, family: str, run_key: str):
+    run = find_run(experiment_id, family, run_key)
+    if run is None or run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+        raise FileNotFoundError(
+            f"no finished training run of {family} with the current params (run key {run_key}) "
+            f"in {mlflow.get_tracking_uri()}; run `genflow train {family}` (or `dvc repro train@{family}`) first"
+        )
+    return run
+
+
+class RankZeroLogger:
+    """Logs from the rank-0 training worker into the driver's MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        with_retries(lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def log_png(self, image: Any, artifact_file: str) -> None:
+        """Log a PIL image as a PNG artifact at `artifact_file` (e.g. samples/step_000100.png)."""
+        with_retries(lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
+
+    def set_tag(self, key: str, value: str) -> None:
+        with_retries(lambda: self.client.set_tag(self.run_id, key, value))
+
+
+def worker_env(tracking_uri: str) -> dict[str, str]:
+    """Environment that lets a Ray worker reach the same store (also on a remote node)."""
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env

@@ -1,0 +1,150 @@
+"""The driver side of training: one MLflow run around one Ray Train TorchTrainer.
+
+    genflow train vae --workers 2 --max-steps 300          (or: dvc repro train@vae)
+
+The Ray run's name is the family plus a digest of everything that decides the result (the
+family's config, the training params, the data). Starting a run whose name already has
+checkpoints resumes from the latest one, in Ray and in the same MLflow run; changing a param
+starts a new run. `train.run_name` names a run explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from genflow._telemetry import TELEMETRY_OFF
+from genflow.config import Params, RayParams, flatten
+from genflow.train.checkpoint import MODEL_FILE
+from genflow.train.loop import BatchSource, NonFiniteLossError, train_worker
+from genflow.track import mlflow as tracking
+from genflow.track.pyfunc import log_sampler
+
+# Params that change how a run is executed or watched, not what it computes: a run resumed
+# with other values of these is the same run.
+OPERATIONAL_KEYS = {"workers", "gpu", "cpus_per_worker", "max_failures", "loader_workers", "log_every",
+                    "checkpoint_every", "storage_path", "run_name", "max_steps"}
+
+
+@dataclass
+class TrainResult:
+    family: str
+    mlflow_run_id: str
+    ray_run_name: str
+    checkpoint_path: str
+    metrics: dict
+
+    def summary(self) -> str:
+        return f"{self.family} trained to step {self.metrics.get('step')} (loss {self.metrics.get('loss', float('nan')):.4g}), checkpoint {self.checkpoint_path}"
+
+
+def run_key(family: str, params: Params, dataset_digest: str) -> str:
+    """Digest of what decides the trained model. max_steps is left out so that a longer run of
+    the same name continues the shorter one."""
+    train = {k: v for k, v in params.train.model_dump().items() if k not in OPERATIONAL_KEYS}
+    content = {"family": family, "model": params.family_config(family).model_dump(), "train": train, "data": dataset_digest}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_ray(ray_params: RayParams) -> None:
+    """Connect to the configured cluster, or start Ray locally; a no-op when already connected."""
+    if ray.is_initialized():
+        return
+    address = ray_params.address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        # The dashboard stays on: Ray Train's controller watches its actors through the state API.
+        ray.init(address=address, runtime_env={"env_vars": dict(TELEMETRY_OFF)}, logging_level="WARNING")
+    except ConnectionError as err:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address} ({err}); check ray.address / RAY_ADDRESS, "
+                              "or leave it empty to start Ray locally") from None
+
+
+def train(family: str, params: Params, batch_source: BatchSource | None = None, dataset_digest: str | None = None) -> TrainResult:
+    """Train `family` with Ray Train, tracked in one MLflow run; returns where the result is.
+
+    batch_source replaces the shards (benchmarks, tests); dataset_digest then names its data.
+    """
+    params.family_config(family)  # bad hyperparameters fail here, before Ray starts
+    shards = Path(params.data.shards).resolve()
+    if batch_source is None:
+        from genflow.data.loader import dataset_digest as shards_digest
+
+        dataset_digest = shards_digest(shards)
+    key = run_key(family, params, dataset_digest or "in-memory")
+    name = params.train.run_name or f"{family}-{key}"
+    storage = Path(params.train.storage_path).resolve()
+
+    experiment_id = tracking.configure(params.tracking)
+    tracking_uri = mlflow.get_tracking_uri()
+    previous = tracking.find_run(experiment_id, family, key)
+    resuming = previous is not None and (storage / name).exists()
+    with mlflow.start_run(run_id=previous.info.run_id if resuming else None, run_name=None if resuming else name,
+                          experiment_id=experiment_id, log_system_metrics=True) as run:
+        if not resuming:
+            mlflow.set_tags({tracking.FAMILY_TAG: family, tracking.RUN_KEY_TAG: key, "genflow.ray_run": name,
+                             "genflow.data_source": "sample" if params.data.is_sample() else "celeba"})
+            mlflow.log_params(flatten({"model": params.family_config(family), "train": params.train, "data": params.data}))
+            if batch_source is None:
+                log_dataset(shards, params, dataset_digest)
+        ensure_ray(params.ray)
+        trainer = torch_trainer(family, params, name=name, storage=storage, tracking_uri=tracking_uri,
+                                mlflow_run_id=run.info.run_id, batch_source=batch_source)
+        result = trainer.fit()
+        failure = mlflow.get_run(run.info.run_id).data.tags.get(tracking.FAILURE_TAG)
+        if failure:
+            mlflow.end_run(status="FAILED")
+            raise NonFiniteLossError(f"{family} run {name}: {failure}; no checkpoint was written after it. "
+                                     "Lower train.lr or set train.grad_clip")
+        if result.checkpoint is None:
+            raise RuntimeError(f"{family} run {name} finished without a checkpoint")
+        with result.checkpoint.as_directory() as directory:
+            log_sampler(Path(directory) / MODEL_FILE, params.data.size)
+            mlflow.log_metrics({f"final/{k}": float(v) for k, v in result.metrics.items()})
+        return TrainResult(family, run.info.run_id, name, result.checkpoint.path, dict(result.metrics))
+
+
+def torch_trainer(family: str, params: Params, *, name: str, storage: Path, tracking_uri: str, mlflow_run_id: str,
+                  batch_source: BatchSource | None = None, callbacks: list | None = None) -> TorchTrainer:
+    """The Ray Train TorchTrainer of one run (used by `train` and by each Tune trial)."""
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "family": family,
+            "params": params.model_dump(),
+            "shards": str(Path(params.data.shards).resolve()),
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+            "batch_source": batch_source,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=params.train.workers,
+            use_gpu=params.train.gpu,
+            resources_per_worker={"CPU": params.train.cpus_per_worker, **({"GPU": 1} if params.train.gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": {**TELEMETRY_OFF, **tracking.worker_env(tracking_uri)}},
+            callbacks=callbacks,
+        ),
+    )
+
+
+def log_dataset(shards: Path, params: Params, digest: str) -> None:
+    """Record which shards trained the model (MLflow's dataset tracking)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    source = "sample (synthetic, not CelebA)" if params.data.is_sample() else str(params.data.source_path().resolve())
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(shards)), name=f"celeba64 [{source}]", digest=digest[:36])
+    mlflow.log_input(dataset, context="training", tags={"source": source})

@@ -1,0 +1,182 @@
+"""What a search leaves behind: the winner as params, the trials as a table, a plot, metrics.
+
+    tuned/vae.yaml          the best trial's drawn values, params-shaped; `load_tuned` reads it
+                            back as `-S` overrides (train@vae trains the final model with them)
+    plots/tune/vae.csv      one row per trial: status, last step, objective, the drawn values
+    plots/tune/vae.png      the objective against one drawn value, coloured by another
+    metrics/tune/vae.json   the best objective and the trial counts
+
+Light on purpose (no Ray): training reads the winner without loading the search machinery.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from genflow.config import ParamsError, flatten
+from genflow.tune.space import SearchSettings, override
+
+if TYPE_CHECKING:
+    from genflow.tune.search import SearchResult
+
+FIXED_COLUMNS = ("trial", "status", "step", "objective")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def column(key: str, family: str) -> str:
+    """A space key's column: `models.vae.kl.weight` -> `kl_weight`, `train.lr` -> `train_lr`."""
+    return key.removeprefix(f"models.{family}.").replace(".", "_")
+
+
+def trial_rows(grid, family: str, settings: SearchSettings, max_steps: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One row per trial of a Tune ResultGrid, and the failed trials' errors."""
+    rows, errors = [], {}
+    for result in grid:
+        trial = result.metrics["trial_id"]  # Tune sets it even for a trial that never reported
+        step = result.metrics.get("step")
+        if result.error is not None:
+            status = "failed"
+            errors[trial] = describe_error(result.error)
+        else:
+            status = "completed" if step is not None and step >= max_steps else "stopped"
+        objective = result.metrics.get(settings.metric) if status != "failed" else None
+        rows.append({
+            "trial": trial, "status": status, "step": step, "objective": objective,
+            **{column(key, family): result.config.get(key) for key in settings.space},
+        })
+    rows.sort(key=lambda row: row["trial"])
+    return rows, errors
+
+
+def describe_error(error: BaseException | None) -> str:
+    """A trial's exception as its type and message, not Ray's wrapping traceback."""
+    if error is None:
+        return "unknown error (see the trial's error.txt)"
+    cause = getattr(error, "cause", None) or error  # RayTaskError carries the trial's own exception
+    return f"{type(cause).__name__}: {cause}".strip()
+
+
+def plot_axes(settings: SearchSettings, family: str) -> tuple[str, str | None, bool]:
+    """(x column, colour column or None, log x): `plot_x`/`plot_color`, else the first
+    continuous and the first choice key of the space."""
+    space = settings.space
+    x = settings.plot_x or next((k for k, d in space.items() if d.kind != "choice"), next(iter(space)))
+    color = settings.plot_color or next((k for k, d in space.items() if d.kind == "choice" and k != x), None)
+    return column(x, family), column(color, family) if color else None, space[x].kind in ("loguniform", "logint")
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    """Write beside the target, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def tuned_fragment(config: dict[str, Any]) -> dict[str, Any]:
+    """{dotted key: value} -> the params-shaped tree those keys make."""
+    tree: dict[str, Any] = {}
+    for key, value in config.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def write_tuned(result: SearchResult, path: Path) -> None:
+    best = result.best
+    header = (
+        f"# The best trial of the {result.family} search {result.name}: {best['trial']}, "
+        f"{result.metric}={best['objective']:.6g} at step {best['step']} (MLflow run {result.mlflow_run_id}).\n"
+        f"# Written by `genflow tune {result.family}` (dvc repro tune@{result.family}); "
+        "genflow.tune.report.load_tuned reads it as -S overrides.\n"
+    )
+    _write(Path(path), header + yaml.safe_dump(tuned_fragment(result.best_config), sort_keys=False))
+
+
+def load_tuned(family: str, path: str | Path | None = None) -> list[str]:
+    """The winner of `family`'s search (tuned/FAMILY.yaml) as `key=value` overrides, to apply
+    before the command's own -S: `load_params(overrides=load_tuned("vae") + cli_overrides)`."""
+    path = Path(path or f"tuned/{family}.yaml")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no tuned params for {family}; run `dvc repro tune@{family}` "
+                                f"(or `genflow tune {family}` and take them from its MLflow run)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ParamsError(f"{path}: expected a params-shaped mapping, got {type(tree).__name__}")
+    values = flatten(tree)
+    strays = [k for k in values if k.startswith("models.") and not k.startswith(f"models.{family}.")]
+    if strays:
+        raise ParamsError(f"{path}: {strays[0]} is not a {family} param; is this another family's file?")
+    return [override(key, value) for key, value in values.items()]
+
+
+def write_table(result: SearchResult, path: Path) -> None:
+    fields = list(result.trials[0]) if result.trials else list(FIXED_COLUMNS)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in result.trials:
+        writer.writerow({k: "" if v is None else json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+    _write(Path(path), out.getvalue())
+
+
+def write_metrics(result: SearchResult, path: Path) -> None:
+    counts = result.counts()
+    metrics = {"metric": result.metric, "best": result.best["objective"], "best_step": result.best["step"],
+               "trials": len(result.trials), **counts}
+    _write(Path(path), json.dumps(metrics, indent=2) + "\n")
+
+
+def plot_search(result: SearchResult, path: Path) -> None:
+    """The objective against `x`, one colour per value of `color`; hollow markers: stopped by ASHA
+    (their objective is from an earlier step); failed trials have none and are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, color, log_x = result.plot_axes
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    rows = [r for r in result.trials if r["objective"] is not None and r.get(x) is not None]
+    groups = sorted({str(r.get(color)) for r in rows}) if color else ["all"]
+    for index, group in enumerate(groups):
+        members = [r for r in rows if not color or str(r.get(color)) == group]
+        colour = plt.get_cmap("tab10")(index % 10)
+        for stopped in (False, True):
+            chosen = [r for r in members if (r["status"] == "stopped") == stopped]
+            if chosen:
+                axes.scatter([r[x] for r in chosen], [r["objective"] for r in chosen], s=36,
+                             facecolors="none" if stopped else colour, edgecolors=colour,
+                             label=None if stopped else group)
+    best = result.best
+    if best.get(x) is not None:
+        axes.scatter([best[x]], [best["objective"]], marker="*", s=220, facecolors="none", edgecolors="black",
+                     label=f"best ({best['trial']})")
+    if log_x:
+        axes.set_xscale("log")
+    axes.set_xlabel(x)
+    axes.set_ylabel(f"{result.metric} ({result.mode})")
+    axes.set_title(f"{result.family} search {result.name}\nhollow: stopped early by ASHA", fontsize=9)
+    axes.legend(title=color, fontsize=8)
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    plt.close(figure)
+    _write(Path(path), out.getvalue())

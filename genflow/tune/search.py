@@ -1,0 +1,325 @@
+"""Hyperparameter search: a Ray Tune Tuner whose trials each fit one Ray Train TorchTrainer.
+
+    genflow tune vae --trials 16                  (or: dvc repro tune@vae)
+
+Ray Train V2's pattern: a trial is a light driver that builds its params from the drawn config
+and fits a TorchTrainer with `TuneReportCallback`, which forwards each checkpoint's metrics to
+Tune. OptunaSearch (TPE, define-by-run over the conditional space of genflow/tune/space.py)
+proposes configs; ASHA stops weak trials, its rungs counted in training steps; a
+ConcurrencyLimiter keeps as many trials in flight as the cluster has room for their Train workers.
+
+MLflow: one parent run per search and one nested child run per trial, into which the trial's
+rank-0 worker logs its curves. The driver closes each child run as Tune saw the trial end
+(finished, stopped early by ASHA, or failed with its error), so a crashing trial is reported and
+the search goes on. The same params name the same search: started again after an interruption,
+it is restored from its Tune experiment, in the same MLflow runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import ray
+import ray.tune
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from genflow.config import Params, ParamsError, flatten
+from genflow.train.loop import BatchSource, NonFiniteLossError
+from genflow.train.trainer import ensure_ray, run_key, torch_trainer
+from genflow.track import mlflow as tracking
+from genflow.track.mlflow import with_retries
+from genflow.tune import report
+from genflow.tune.space import SearchSettings, SearchSpace, overrides, search_settings, trial_base, trial_params
+
+SEARCH_TAG = "genflow.tune.search"
+TRIAL_TAG = "genflow.tune.trial"
+STOPPED_EARLY_TAG = "genflow.tune.stopped_early"
+ERROR_TAG = "genflow.tune.error"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs
+
+# What a trial's Tune actor reserves. It only drives its Train run, whose workers reserve their
+# own CPUs/GPUs in Train's placement group; a CPU here would be counted twice (on 2 CPUs, two
+# trials' drivers would hold both and their workers would never start). Ray's scheduler needs
+# some resource in the request, so the driver's is memory. Concurrency is bounded separately.
+DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+
+# Settings that change how a search runs, not what it finds: they do not change its name.
+OPERATIONAL_SETTINGS = {"max_concurrent", "cpus_per_worker", "max_failures", "plot_x", "plot_color"}
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """The search was stopped (Ctrl+C) before all its trials ended; running it again resumes it."""
+
+
+@dataclass(frozen=True)
+class SearchRuns:
+    """Where a search's MLflow runs live: what trials and the driver need to find them."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    family: str
+    search: str
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    def trial_run(self, trial_id: str, config: dict[str, Any]):
+        """The child run of a trial: found again (a resumed trial, the driver closing it) or created."""
+        client = self.client()
+        found = with_retries(lambda: client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+            max_results=1,
+        ))
+        if found:
+            return found[0]
+        tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, tracking.FAMILY_TAG: self.family, "genflow.tune.overrides": " ".join(overrides(config))}
+        return with_retries(lambda: client.create_run(self.experiment_id, run_name=f"{self.search}/{trial_id}", tags=tags))
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """Everything a trial needs besides its drawn config (shipped once through the object store)."""
+
+    family: str
+    base: dict[str, Any]  # the params every trial starts from (genflow.tune.space.trial_base)
+    runs: SearchRuns
+    batch_source: BatchSource | None = None
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """One trial (Tune's function trainable): the trial's params, its child run, its TorchTrainer."""
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    client = setup.runs.client()
+    run_id = setup.runs.trial_run(trial_id, config).info.run_id
+    params = trial_params(setup.base, setup.family, config)  # a bad combination fails this trial alone
+    _log_params(client, run_id, flatten({"model": params.family_config(setup.family), "train": params.train,
+                                         "data": params.data}))
+    trainer = torch_trainer(
+        setup.family, params, name="train", storage=Path(context.get_trial_dir()),
+        tracking_uri=setup.runs.tracking_uri, mlflow_run_id=run_id,
+        batch_source=setup.batch_source, callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+    # The loop stops at a non-finite loss without raising (Train would retry it); see genflow.train.trainer.
+    failure = with_retries(lambda: client.get_run(run_id)).data.tags.get(tracking.FAILURE_TAG)
+    if failure:
+        raise NonFiniteLossError(f"{failure}; lower train.lr or set train.grad_clip")
+
+
+class TrialRuns(ray.tune.Callback):
+    """Closes each trial's child run on the driver, where Tune knows how the trial ended: a trial
+    that ASHA stops is killed, and a failed one may not have got as far as its run."""
+
+    def __init__(self, runs: SearchRuns, metric: str, max_steps: int):
+        self.runs, self.metric, self.max_steps = runs, metric, max_steps
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        last = trial.last_result or {}
+        run_id = self.runs.trial_run(trial.trial_id, trial.config).info.run_id
+        client = self.runs.client()
+        stopped = last.get("step", 0) < self.max_steps
+        metrics = [Metric(f"tune/{self.metric}", float(last[self.metric]), report.now_ms(), int(last["step"]))] if self.metric in last else []
+        with_retries(lambda: client.log_batch(run_id, metrics=metrics, tags=[RunTag(STOPPED_EARLY_TAG, str(stopped).lower())]))
+        with_retries(lambda: client.set_terminated(run_id, "FINISHED"))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        run_id = self.runs.trial_run(trial.trial_id, trial.config).info.run_id
+        client = self.runs.client()
+        with_retries(lambda: client.set_tag(run_id, ERROR_TAG, report.describe_error(trial.get_pickled_error())[:5000]))
+        with_retries(lambda: client.set_terminated(run_id, "FAILED"))
+
+
+@dataclass
+class SearchResult:
+    family: str
+    name: str  # the Tune experiment (and the parent run's name)
+    path: str  # the Tune experiment's folder: Tuner.restore(path) reads it
+    mlflow_run_id: str  # the parent run
+    metric: str
+    mode: str
+    max_steps: int
+    trials: list[dict[str, Any]]  # one row per trial (genflow.tune.report.trial_rows)
+    best: dict[str, Any]  # the best trial's row
+    best_config: dict[str, Any]  # the best trial's drawn values, {dotted key: value}
+    errors: dict[str, str] = field(default_factory=dict)  # trial id -> its error
+    plot_axes: tuple[str, str | None, bool] = ("", None, False)  # genflow.tune.report.plot_axes
+
+    def counts(self) -> dict[str, int]:
+        statuses = [row["status"] for row in self.trials]
+        return {status: statuses.count(status) for status in ("completed", "stopped", "failed")}
+
+    def __str__(self) -> str:
+        counts = self.counts()
+        lines = [
+            f"{self.best['trial']} with {self.metric}={self.best['objective']:.6g} at step {self.best['step']} "
+            f"({self.family} search {self.name}, MLflow run {self.mlflow_run_id})",
+            *(f"  {line}" for line in overrides(self.best_config)),
+            f"{len(self.trials)} trials: {counts['completed']} completed, {counts['stopped']} stopped early by ASHA, "
+            f"{counts['failed']} failed",
+            *(f"  {trial}: {error}" for trial, error in self.errors.items()),
+        ]
+        return "\n".join(lines)
+
+
+def tune(family: str, params: Params, batch_source: BatchSource | None = None,
+         dataset_digest: str | None = None) -> SearchResult:
+    """Search `family`'s hyperparameters as `tune.FAMILY` declares; returns the trials and the best.
+
+    batch_source replaces the shards (benchmarks, tests); dataset_digest then names its data.
+    """
+    settings = search_settings(params, family)  # a bad space fails here, before Ray starts
+    if settings.grace_period > params.train.max_steps:
+        raise ParamsError(f"tune.{family}.grace_period={settings.grace_period} is beyond train.max_steps="
+                          f"{params.train.max_steps}: ASHA would never compare trials")
+    if batch_source is None:
+        from genflow.data.loader import dataset_digest as shards_digest
+
+        dataset_digest = shards_digest(Path(params.data.shards).resolve())
+    base = trial_base(params, family)
+    # Trials run in their own working directory: paths must not be relative.
+    base["data"]["shards"] = str(Path(params.data.shards).resolve())
+    base["train"].update(workers=settings.workers_per_trial, cpus_per_worker=settings.cpus_per_worker, run_name="")
+    name = search_name(family, params, settings, dataset_digest or "in-memory")
+    storage = Path(params.train.storage_path).resolve()
+
+    experiment_id = tracking.configure(params.tracking)
+    runs = SearchRuns(mlflow.get_tracking_uri(), experiment_id, parent_run(experiment_id, family, name, params, settings),
+                      family, name)
+    client = runs.client()
+    status = "FAILED"
+    try:
+        ensure_ray(params.ray)
+        tuner = _tuner(family, settings, params, runs, TrialSetup(family, base, runs, batch_source), storage / name)
+        grid = tuner.fit()
+        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        if unfinished:
+            status = "KILLED"
+            raise SearchInterrupted(f"{family} search {name} was interrupted with {unfinished} trials unfinished; "
+                                    f"run the same command again to resume it from {storage / name}")
+        result = summarize(grid, family, name, runs.parent_run_id, settings, params.train.max_steps)
+        log_search(client, result)
+        status = "FINISHED"
+        return result
+    finally:
+        with_retries(lambda: client.set_terminated(runs.parent_run_id, status))
+
+
+def _tuner(family: str, settings: SearchSettings, params: Params, runs: SearchRuns, setup: TrialSetup,
+           path: Path) -> ray.tune.Tuner:
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), DRIVER_RESOURCES)
+    if ray.tune.Tuner.can_restore(path):
+        # Finished and failed trials stay as they were; unfinished ones resume from their Train checkpoints.
+        return ray.tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    searcher = OptunaSearch(SearchSpace(settings.space), metric=settings.metric, mode=settings.mode,
+                            points_to_evaluate=settings.points_to_evaluate or None, seed=settings.seed)
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            num_samples=settings.trials,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent or trial_slots(params, settings)),
+            scheduler=ASHAScheduler(time_attr="step", max_t=params.train.max_steps,
+                                    grace_period=settings.grace_period, reduction_factor=settings.reduction_factor),
+        ),
+        run_config=ray.tune.RunConfig(
+            name=path.name,
+            storage_path=str(path.parent),
+            failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
+            callbacks=[TrialRuns(runs, settings.metric, params.train.max_steps)],
+        ),
+    )
+
+
+def trial_slots(params: Params, settings: SearchSettings) -> int:
+    """How many trials' Train workers the cluster holds at once (its CPUs, and GPUs if used)."""
+    resources = ray.cluster_resources()
+    need = {"CPU": settings.workers_per_trial * settings.cpus_per_worker}
+    if params.train.gpu:
+        need["GPU"] = settings.workers_per_trial
+    slots = min(math.floor(resources.get(name, 0) / amount) for name, amount in need.items())
+    if slots < 1:
+        raise ValueError(f"a trial needs {need} for its Train workers but the Ray cluster has "
+                         f"{ {k: resources.get(k, 0) for k in need} }; lower tune.{{family}}.workers_per_trial / cpus_per_worker")
+    return slots
+
+
+def search_name(family: str, params: Params, settings: SearchSettings, dataset_digest: str) -> str:
+    """`tune-FAMILY-DIGEST`: the digest of what decides the search's result, so that the same
+    params find (and resume) the same search, and changed ones start a new one."""
+    content = {
+        "run": run_key(family, params, dataset_digest),
+        "max_steps": params.train.max_steps,
+        "search": settings.model_dump(mode="json", exclude=OPERATIONAL_SETTINGS),
+    }
+    return f"tune-{family}-{hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def parent_run(experiment_id: str, family: str, name: str, params: Params, settings: SearchSettings) -> str:
+    """The search's parent run: the one of the same name when resuming, else a new one."""
+    client = MlflowClient()
+    found = with_retries(lambda: client.search_runs([experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{name}'",
+                                                    max_results=1))
+    if found:
+        run_id = found[0].info.run_id
+        with_retries(lambda: client.update_run(run_id, status="RUNNING"))
+        return run_id
+    run_id = with_retries(lambda: client.create_run(experiment_id, run_name=name,
+                                                    tags={SEARCH_TAG: name, tracking.FAMILY_TAG: family})).info.run_id
+    logged = flatten({"tune": settings.model_dump(mode="json", exclude={"space", "points_to_evaluate"}),
+                      "model": params.family_config(family), "train": params.train})
+    _log_params(client, run_id, logged)
+    space = {key: d.model_dump(exclude_defaults=True) for key, d in settings.space.items()}
+    with_retries(lambda: client.log_dict(run_id, {"space": space, "points_to_evaluate": settings.points_to_evaluate},
+                                         "search_space.yaml"))
+    return run_id
+
+
+def _log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
+    batch = [Param(key, str(value)) for key, value in values.items()]
+    for start in range(0, len(batch), 100):  # MLflow takes at most 100 params per call
+        with_retries(lambda: client.log_batch(run_id, params=batch[start : start + 100]))
+
+
+def summarize(grid, family: str, name: str, parent_run_id: str, settings: SearchSettings, max_steps: int) -> SearchResult:
+    rows, errors = report.trial_rows(grid, family, settings, max_steps)
+    if all(row["objective"] is None for row in rows):
+        raise RuntimeError(f"all {len(rows)} trials of the {family} search {name} failed:\n"
+                           + "\n".join(f"  {trial}: {error}" for trial, error in errors.items()))
+    best_result = grid.get_best_result(settings.metric, settings.mode)
+    best = next(row for row in rows if row["trial"] == best_result.metrics["trial_id"])
+    return SearchResult(family, name, grid.experiment_path, parent_run_id, settings.metric, settings.mode, max_steps,
+                        rows, best, dict(best_result.config), errors, report.plot_axes(settings, family))
+
+
+def log_search(client: MlflowClient, result: SearchResult) -> None:
+    """The search's outcome on its parent run: counts, the best objective, the table, the plot, the winner."""
+    run_id = result.mlflow_run_id
+    counts = result.counts()
+    metrics = {f"best/{result.metric}": float(result.best["objective"]), "trials": len(result.trials),
+               **{f"trials_{status}": n for status, n in counts.items()}}
+    now = report.now_ms()
+    with_retries(lambda: client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()]))
+    with_retries(lambda: client.set_tag(run_id, "genflow.tune.best_trial", result.best["trial"]))
+    with tempfile.TemporaryDirectory() as directory:
+        directory = Path(directory)
+        report.write_tuned(result, directory / f"{result.family}.yaml")
+        report.write_table(result, directory / f"{result.family}.csv")
+        report.plot_search(result, directory / f"{result.family}.png")
+        for path in directory.iterdir():
+            with_retries(lambda: client.log_artifact(run_id, str(path), "tune"))

@@ -1,0 +1,251 @@
+"""A family's search, as params.yaml declares it under `tune.FAMILY`, and its search space.
+
+    tune:
+      vae:
+        trials: 16
+        grace_period: 100                   # ASHA: steps before the first stop decision
+        space:                              # dotted params keys -> one distribution each
+          train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+          models.vae.kl.kind: {choice: [constant, linear, cyclical, capacity]}
+          models.vae.kl.weight: {loguniform: [1.0e-5, 1.0e-2], when: {models.vae.kl.kind: [constant, linear, cyclical]}}
+          models.vae.kl.warmup_steps: {int: [50, 300], when: {models.vae.kl.kind: linear}}
+
+Distributions: `uniform`, `loguniform` (floats), `int`, `logint` (integers, bounds included) and
+`choice` (any YAML values, lists too). `when` makes a key conditional on earlier `choice` keys:
+it is sampled only in trials where each named key took one of the listed values, so each KL
+schedule draws only its own params (Optuna's define-by-run). A trial's config is
+`{dotted key: value}`; applied to params as `-S` overrides it gives the trial's params.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import json
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from genflow.config import Params, ParamsError, StrictModel, apply_overrides, flatten
+from genflow.models.families import FAMILY_NAMES, get_family
+
+# Keys a trial may not draw: the budget (ASHA's max_t) and the trial's resources are the search's.
+RESERVED_KEYS = ("train.max_steps", "train.workers", "train.cpus_per_worker", "train.gpu")
+
+
+class Distribution(StrictModel):
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    int: tuple[builtins.int, builtins.int] | None = None
+    logint: tuple[builtins.int, builtins.int] | None = None
+    choice: list[Any] | None = None
+    # {earlier choice key: value or [values]}: sample this key only when all of them hold.
+    when: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Distribution":
+        kinds = [k for k in ("uniform", "loguniform", "int", "logint", "choice") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of uniform, loguniform, int, logint, choice, "
+                             f"e.g. {{loguniform: [1.0e-4, 1.0e-2]}} (got {kinds or 'none'})")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        bounds = getattr(self, kinds[0])
+        if kinds[0] != "choice":
+            low, high = bounds
+            if low > high:
+                raise ValueError(f"{kinds[0]}: low {low} is above high {high}")
+            if kinds[0].startswith("log") and low <= 0:
+                raise ValueError(f"{kinds[0]}: bounds must be positive, got {low}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("uniform", "loguniform", "int", "logint", "choice") if getattr(self, k) is not None)
+
+    def candidates(self) -> list[Any]:
+        """Values checked against the params schema before the search starts."""
+        return list(self.choice) if self.choice is not None else list(getattr(self, self.kind))
+
+    def applies(self, drawn: dict[str, Any]) -> bool:
+        return all(drawn.get(key, _ABSENT) in _as_list(allowed) for key, allowed in self.when.items())
+
+    def suggest(self, trial, name: str) -> Any:
+        """Draw this key in an Optuna trial (define-by-run)."""
+        kind = self.kind
+        if kind == "choice":
+            # Optuna's categorical values are scalars; a list (e.g. hidden_channels) goes as JSON.
+            if all(v is None or isinstance(v, (bool, int, float, str)) for v in self.choice):
+                return trial.suggest_categorical(name, self.choice)
+            return json.loads(trial.suggest_categorical(name, [json.dumps(v) for v in self.choice]))
+        low, high = getattr(self, kind)
+        if kind in ("int", "logint"):
+            return trial.suggest_int(name, low, high, log=kind == "logint")
+        return trial.suggest_float(name, low, high, log=kind == "loguniform")
+
+
+_ABSENT = object()
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+class SearchSettings(StrictModel):
+    """One family's search: `tune.FAMILY` in params.yaml."""
+
+    trials: int = Field(8, ge=1, description="trials in the search")
+    max_concurrent: int = Field(0, ge=0, description="trials at once; 0 = as many as the cluster's CPUs/GPUs fit")
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers of each trial")
+    cpus_per_worker: float = Field(1, gt=0)
+    metric: str = Field("loss", description="the objective, as the training loop reports it")
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(100, ge=1, description="ASHA: steps every trial runs before it may be stopped")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: 1/reduction_factor of the trials go on at each rung")
+    max_failures: int = Field(0, ge=0, description="retries of a trial whose driver died (Train retries its workers)")
+    seed: int = Field(0, description="the TPE sampler's seed")
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="configs tried first")
+    # The search plot: the objective against `plot_x`, coloured by `plot_color` (space keys).
+    plot_x: str = ""
+    plot_color: str = ""
+    space: dict[str, Distribution] = Field(default_factory=dict)
+
+    @field_validator("space")
+    @classmethod
+    def _conditions_come_first(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
+        seen: list[str] = []
+        for key, distribution in space.items():
+            for condition, allowed in distribution.when.items():
+                if condition not in seen or space[condition].choice is None:
+                    raise ValueError(f"{key}: `when` names {condition}, which must be a choice key listed above it")
+                strays = [v for v in _as_list(allowed) if v not in space[condition].choice]
+                if strays:
+                    raise ValueError(f"{key}: `when` waits for {condition} = {strays[0]!r}, which is not one of its choices")
+            seen.append(key)
+        return space
+
+    @model_validator(mode="after")
+    def _plot_keys_in_space(self) -> "SearchSettings":
+        for name in ("plot_x", "plot_color"):
+            key = getattr(self, name)
+            if key and key not in self.space:
+                raise ValueError(f"{name}: {key} is not a key of the space")
+        for point in self.points_to_evaluate:
+            unknown = sorted(set(point) - set(self.space))
+            if unknown:
+                raise ValueError(f"points_to_evaluate: {unknown[0]} is not a key of the space")
+        return self
+
+
+class SearchSpace:
+    """The define-by-run function OptunaSearch calls once per trial (a class, so that Tune can
+    pickle it with the searcher's state and restore an interrupted search)."""
+
+    def __init__(self, space: dict[str, Distribution]):
+        self.space = space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        drawn: dict[str, Any] = {}
+        for key, distribution in self.space.items():
+            if distribution.applies(drawn):
+                drawn[key] = distribution.suggest(trial, key)
+        return drawn
+
+
+def search_settings(params: Params, family: str) -> SearchSettings:
+    """`tune.FAMILY`, validated: its keys, and each space key and value against the params schema."""
+    get_family(family)
+    unknown = sorted(set(params.tune) - set(FAMILY_NAMES))
+    if unknown:
+        raise ParamsError(f"tune.{unknown[0]}: unknown family")
+    raw = params.tune.get(family)
+    if not raw or not raw.get("space"):
+        raise ParamsError(
+            f"tune.{family}.space: no search space for {family}; declare one in params.yaml, e.g.\n"
+            f"tune:\n  {family}:\n    space:\n      train.lr: {{loguniform: [1.0e-4, 3.0e-3]}}"
+        )
+    try:
+        settings = SearchSettings(**raw)
+    except ValidationError as err:
+        raise ParamsError(_describe(err, f"tune.{family}.")) from None
+    check_space(params, family, settings.space)
+    return settings
+
+
+def check_space(params: Params, family: str, space: dict[str, Distribution]) -> None:
+    """Fail before Ray starts on a key that is no param, or a value its field refuses.
+
+    Only the field's own constraints count: a value that may be wrong only in combination with
+    another (norm_groups that does not divide hidden_channels) fails that trial alone.
+    """
+    base = trial_base(params, family)
+    keys = set(flatten({k: v for k, v in base.items() if k != "tune"}))
+    for key, distribution in space.items():
+        where = f"tune.{family}.space.{key}"
+        if key in RESERVED_KEYS:
+            raise ParamsError(f"{where}: {key} is set by the search itself (train.max_steps is ASHA's budget; "
+                              f"resources come from tune.{family}.workers_per_trial / cpus_per_worker), not drawn")
+        if key.startswith("models.") and not key.startswith(f"models.{family}."):
+            raise ParamsError(f"{where}: a {family} search draws models.{family}.* keys, not {key}")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; give the dotted path of a params key"
+            raise ParamsError(f"{where}: {key} is not a params key{hint}")
+        for value in distribution.candidates():
+            errors = _field_errors(base, family, key, value)
+            if errors:
+                raise ParamsError(f"{where}: value {value!r} is refused: {errors[0]}")
+
+
+def _field_errors(base: dict[str, Any], family: str, key: str, value: Any) -> list[str]:
+    raw = apply_overrides(json.loads(json.dumps(base)), [override(key, value)])
+    config_class = get_family(family).config_class
+    # The family's config and the other sections, each on its own, so that errors carry their field.
+    for prefix, validate in ((f"models.{family}.", lambda: config_class(**raw["models"][family])),
+                             ("", lambda: Params(**{k: v for k, v in raw.items() if k != "models"}))):
+        try:
+            validate()
+        except ValidationError as err:
+            # Built-in constraints (types, bounds, literals) hold whatever the other keys are; a
+            # custom validator's "value_error" may be about a combination: that is the trial's to find.
+            errors = [e["msg"] for e in err.errors()
+                      if prefix + ".".join(map(str, e["loc"])) == key and e["type"] not in ("value_error", "assertion_error")]
+            if errors:
+                return errors
+    return []
+
+
+def trial_base(params: Params, family: str) -> dict[str, Any]:
+    """The params every trial starts from, as plain data: the family's full config spelled out
+    (so that every model key is a leaf a space may name)."""
+    base = params.model_dump(mode="json")
+    base["models"] = {family: params.family_config(family).model_dump(mode="json")}
+    base["tune"] = {}
+    return base
+
+
+def override(key: str, value: Any) -> str:
+    """`key=value` as `-S` takes it (JSON is YAML, so lists and strings read back unchanged)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def overrides(config: dict[str, Any]) -> list[str]:
+    return [override(key, value) for key, value in config.items()]
+
+
+def trial_params(base: dict[str, Any], family: str, config: dict[str, Any]) -> Params:
+    """The params of one trial: the base with the trial's drawn values applied, validated."""
+    raw = apply_overrides(json.loads(json.dumps(base)), overrides(config))
+    try:
+        return Params(**raw)  # validates models.FAMILY too
+    except ValidationError as err:
+        raise ParamsError(_describe(err)) from None
+
+
+def _describe(err: ValidationError, prefix: str = "") -> str:
+    # A whole-model validator's error has no location; its message names the keys itself.
+    lines = []
+    for e in err.errors():
+        message = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{prefix}{'.'.join(map(str, e['loc']))}: {message}" if e["loc"] else message)
+    return "\n".join(lines)

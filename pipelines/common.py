@@ -1,0 +1,24 @@
+"""What every DVC stage entry point shares: the params DVC tracks, and writing its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import genflow  # noqa: F401  (telemetry off)
+from genflow.config import Params, load_params
+
+
+def stage_params() -> Params:
+    """params.yaml as DVC sees it (DVC passes -S overrides by rewriting params.yaml)."""
+    return load_params("params.yaml")
+
+
+def write_json(path: str, content: dict) -> None:
+    """Write a DVC metrics file atomically (a killed stage leaves the old file, not half a new one)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_suffix(target.suffix + ".tmp")
+    temporary.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, target)

@@ -1,0 +1,140 @@
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from genflow.data.loader import ShardStream, dataset_digest, eval_loader, read_stats, train_loader
+
+
+def keys_by_pixels(shards, split):
+    """The key of each image of the split, by its pixel bytes (the loader yields no keys)."""
+    keys = {}
+    for shard in read_stats(shards)["shards"][split]:
+        with tarfile.open(shards / shard["file"]) as tar:
+            for member in tar:
+                if member.name.endswith(".ppm"):
+                    pixels = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())))
+                    keys[pixels.transpose(2, 0, 1).tobytes()] = member.name.split(".")[0]
+    return keys
+
+
+def seen_keys(batches, keys):
+    return [keys[image.mul(255).round().byte().numpy().tobytes()] for images, _ in batches for image in images]
+
+
+def epoch_per_rank(shards, world_size, epochs=1, **kwargs):
+    loaders = [train_loader(shards, rank=rank, world_size=world_size, **kwargs) for rank in range(world_size)]
+    return [[list(loader) for loader in loaders] for _ in range(epochs)], loaders
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(prepared):
+    # 70 train images in shards of 16,16,16,16,6: 35 per rank, batches 8,8,8,8,3.
+    keys = keys_by_pixels(prepared, "train")
+    epochs, loaders = epoch_per_rank(prepared, 2, epochs=2, batch_size=8, num_workers=2, seed=1)
+    assert [loader.batches_per_epoch for loader in loaders] == [5, 5] and len(loaders[0]) == 5
+    rank_sets = []
+    for ranks in epochs:
+        assert [len(batches) for batches in ranks] == [5, 5]
+        seen = [seen_keys(batches, keys) for batches in ranks]
+        assert sorted(seen[0] + seen[1]) == sorted(keys.values())  # each exactly once
+        assert [len(images) for images, _ in ranks[0]] == [8, 8, 8, 8, 3]
+        rank_sets.append(set(seen[0]))
+    assert rank_sets[0] != rank_sets[1]  # the next epoch reshuffles across ranks
+
+
+def test_uneven_split_gives_equal_batches_and_covers_everything(prepared):
+    # 70 over 3 ranks: 24 each (72 slots), so 2 samples are seen twice and none is missed.
+    keys = keys_by_pixels(prepared, "train")
+    (ranks,), _ = epoch_per_rank(prepared, 3, batch_size=5, num_workers=2, seed=0)
+    assert [len(batches) for batches in ranks] == [5, 5, 5]
+    seen = Counter(key for batches in ranks for key in seen_keys(batches, keys))
+    assert set(seen) == set(keys.values()) and sum(seen.values()) == 72 and max(seen.values()) == 2
+
+
+def test_worker_count_does_not_change_what_a_rank_sees(prepared):
+    keys = keys_by_pixels(prepared, "train")
+    by_workers = {}
+    for workers in (0, 1, 2):
+        loader = train_loader(prepared, batch_size=4, rank=1, world_size=2, num_workers=workers, seed=2)
+        batches = list(loader)
+        assert len(batches) == loader.batches_per_epoch == 9
+        by_workers[workers] = sorted(seen_keys(batches, keys))
+    assert by_workers[0] == by_workers[1] == by_workers[2]
+
+
+def test_epochs_advance_and_set_epoch_replays(prepared):
+    keys = keys_by_pixels(prepared, "train")
+    loader = train_loader(prepared, batch_size=10, num_workers=0, seed=0)
+    first, second = seen_keys(list(loader), keys), seen_keys(list(loader), keys)
+    assert sorted(first) == sorted(second) and first != second
+    loader.set_epoch(0)
+    assert seen_keys(list(loader), keys) == first
+    resumed = train_loader(prepared, batch_size=10, num_workers=0, seed=0, epoch=1)
+    assert seen_keys(list(resumed), keys) == second
+
+
+def test_images_and_attrs_types_ranges_and_values(prepared):
+    manifest = pq.read_table(prepared / "manifest.parquet").to_pandas()
+    test_rows = manifest[manifest["split"] == "test"]
+    unit = list(eval_loader(prepared, batch_size=8))
+    signed = list(eval_loader(prepared, batch_size=8, image_range=(-1.0, 1.0)))
+    assert [len(images) for images, _ in unit] == [8, 8, 8, 6]
+    images, attrs = unit[0]
+    assert images.dtype == attrs.dtype == torch.float32
+    assert images.shape == (8, 3, 64, 64) and attrs.shape == (8, 40) and images.is_contiguous()
+    all_images = torch.cat([i for i, _ in unit])
+    all_signed = torch.cat([i for i, _ in signed])
+    assert all_images.min() >= 0 and all_images.max() <= 1 and all_images.max() > 0.9
+    assert all_signed.min() >= -1 and all_signed.max() <= 1 and all_signed.min() < -0.9
+    assert torch.allclose(all_signed, all_images * 2 - 1, atol=1e-6)
+    # Shard order is manifest order: the attributes line up with the manifest's.
+    all_attrs = torch.cat([a for _, a in unit]).numpy()
+    assert set(np.unique(all_attrs)) <= {0.0, 1.0}
+    assert (all_attrs == test_rows.iloc[:, 3:].to_numpy(dtype=np.float32)).all()
+
+
+def test_eval_loader_is_deterministic_complete_and_limited(prepared):
+    keys = keys_by_pixels(prepared, "test")
+    once = seen_keys(eval_loader(prepared, batch_size=7), keys)
+    assert once == seen_keys(eval_loader(prepared, batch_size=7), keys)
+    assert sorted(once) == sorted(keys.values()) and len(once) == 30
+    with_workers = eval_loader(prepared, batch_size=7, num_workers=2)
+    assert sorted(seen_keys(with_workers, keys)) == sorted(once)
+    limited = eval_loader(prepared, batch_size=7, limit_batches=2)
+    assert len(limited) == 2 and seen_keys(limited, keys) == once[:14]
+    train_keys = keys_by_pixels(prepared, "train")
+    assert len(seen_keys(eval_loader(prepared, split="train", batch_size=16), train_keys)) == 70
+
+
+def test_refuses_unfinished_or_altered_shard_folders(prepared, tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `genflow data prepare`"):
+        train_loader(tmp_path / "absent", batch_size=4)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="no stats.json"):
+        train_loader(tmp_path / "half", batch_size=4)
+    stats = read_stats(prepared)
+    stats["shards"]["train"][0]["bytes"] += 1
+    altered = tmp_path / "altered"
+    altered.mkdir()
+    (altered / "train").symlink_to(prepared / "train")
+    (altered / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(FileNotFoundError, match="celeba64-000000.tar: missing or not the size"):
+        ShardStream(altered, "train", 4)
+    with pytest.raises(ValueError, match="no 'val' shards"):
+        eval_loader(prepared, split="val", batch_size=4)
+
+
+def test_dataset_digest_names_the_shard_contents(prepared, tmp_path):
+    digest = dataset_digest(prepared)
+    assert len(digest) == 64 and digest == dataset_digest(prepared)
+    stats = read_stats(prepared)
+    stats["shards"]["test"][1]["sha256"] = "0" * 64
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    assert dataset_digest(tmp_path) != digest

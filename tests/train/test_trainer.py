@@ -1,0 +1,149 @@
+"""Ray Train end to end on CPU with in-memory data: DDP equivalence, failure recovery, resume,
+and the non-finite-loss stop."""
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import ray.cloudpickle
+import torch
+
+from genflow.train.checkpoint import load_model
+from genflow.train.loop import InMemoryBatches, NonFiniteLossError
+from genflow.train.trainer import train
+
+pytestmark = pytest.mark.slow
+
+# The batch sources below travel to the Ray workers, which cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def data(n=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 64, 64, generator=generator), (torch.rand(n, 40, generator=generator) > 0.5).float()
+
+
+class PosteriorMeanBatches(InMemoryBatches):
+    """In-memory batches that also make the VAE's reparameterisation noise zero in the worker.
+
+    DDP's claim is about gradients: the two ranks' averaged gradients equal the gradient of the
+    combined batch. The ranks draw different noise from their own seeds, so the comparison is
+    made where there is none (z = μ).
+    """
+
+    def __call__(self, rank, world_size, seed, image_range):
+        torch.randn_like = torch.zeros_like
+        return super().__call__(rank, world_size, seed, image_range)
+
+
+class NaNAfter(InMemoryBatches):
+    """Batches that turn to NaN from batch `bad` of each epoch on."""
+
+    def __init__(self, images, attrs, batch_size, bad):
+        super().__init__(images, attrs, batch_size)
+        self.bad = bad
+
+    def __call__(self, rank, world_size, seed, image_range):
+        epochs = super().__call__(rank, world_size, seed, image_range)
+        plain_epoch = epochs.epoch
+
+        def epoch(index):
+            for i, (images, attrs) in enumerate(plain_epoch(index)):
+                yield (images * float("nan") if i >= self.bad else images), attrs
+
+        epochs.epoch = epoch
+        return epochs
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def final_weights(result):
+    return load_model(result.checkpoint_path).state_dict()
+
+
+def start_steps(run_id):
+    return [int(m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, "train/start_step")]
+
+
+def test_two_ddp_workers_match_one_worker_on_the_combined_batch(ray_local, tiny_params):
+    images, attrs = data()
+    common = ["train.max_steps=6", "train.checkpoint_every=6", "train.lr=0.001"]
+    two = train("vae", tiny_params(*common, "train.workers=2", "train.batch_size=4", "train.run_name=ddp2"),
+                batch_source=PosteriorMeanBatches(images, attrs, 4), dataset_digest="ddp")
+    one = train("vae", tiny_params(*common, "train.workers=1", "train.batch_size=8", "train.run_name=ddp1"),
+                batch_source=PosteriorMeanBatches(images, attrs, 8), dataset_digest="ddp")
+    untrained = load_model(two.checkpoint_path).__class__(load_model(two.checkpoint_path).config)
+    a, b = final_weights(two), final_weights(one)
+    moved = max((a[k] - untrained.state_dict()[k]).abs().max().item() for k in a if a[k].is_floating_point())
+    assert moved > 1e-3  # the check below means something only if training moved the weights
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tiny_params, tmp_path):
+    images, attrs = data(256)
+    params = tiny_params("train.workers=2", "train.max_steps=300", "train.checkpoint_every=10", "train.log_every=10",
+                         "train.max_failures=2", "train.run_name=killed")
+    storage = Path(params.train.storage_path) / "killed"
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.time() + 120
+        while time.time() < deadline and len(checkpoint_dirs(storage)) < 2:
+            time.sleep(0.05)
+        # The controller collects reports by polling the workers: give it time to register the
+        # checkpoint before the worker holding the report dies.
+        time.sleep(2)
+        for process in psutil.process_iter(["cmdline"]):
+            if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+                process.kill()
+                killed.append(process.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint)
+    killer.start()
+    result = train("vae", params, batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="kill")
+    killer.join()
+    assert killed, "no worker was found to kill"
+    starts = start_steps(result.mlflow_run_id)
+    assert starts[0] == 0 and len(starts) == 2, starts
+    assert starts[1] > 0 and starts[1] % 10 == 0  # resumed at a checkpoint, not from 0
+    assert result.metrics["step"] == 300
+
+
+def test_a_run_of_the_same_name_resumes(ray_local, tiny_params):
+    images, attrs = data()
+    first = train("vae", tiny_params("train.workers=1", "train.max_steps=4", "train.checkpoint_every=2"),
+                  batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="resume")
+    second = train("vae", tiny_params("train.workers=1", "train.max_steps=8", "train.checkpoint_every=2"),
+                   batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="resume")
+    assert second.ray_run_name == first.ray_run_name
+    assert second.mlflow_run_id == first.mlflow_run_id
+    assert start_steps(second.mlflow_run_id) == [0, 4]
+    assert second.metrics["step"] == 8
+    # Another hyperparameter is another run, started from step 0.
+    third = train("vae", tiny_params("train.workers=1", "train.max_steps=4", "train.checkpoint_every=2", "train.lr=0.002"),
+                  batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="resume")
+    assert third.ray_run_name != first.ray_run_name
+    assert start_steps(third.mlflow_run_id) == [0]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints_clean(ray_local, tiny_params):
+    images, attrs = data()
+    params = tiny_params("train.workers=2", "train.max_steps=20", "train.checkpoint_every=1", "train.run_name=nan")
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        train("vae", params, batch_source=NaNAfter(images, attrs, 4, bad=3), dataset_digest="nan")
+    run = mlflow.search_runs(experiment_names=["celeba64"], filter_string="tags.`genflow.ray_run` = 'nan'", output_format="list")[0]
+    assert run.info.status == "FAILED"
+    checkpoints = checkpoint_dirs(Path(params.train.storage_path, "nan"))
+    assert checkpoints
+    for checkpoint in checkpoints:
+        saved = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        assert saved["step"] <= 3
+        assert all(torch.isfinite(v).all() for v in load_model(checkpoint).state_dict().values() if v.is_floating_point())
