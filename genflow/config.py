@@ -60,7 +60,7 @@ class TrainParams(StrictModel):
     workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
     gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    batch_size: int = Field(64, ge=1, description="per worker")
+    batch_size: int = Field(32, ge=1, description="per worker")
     max_steps: int = Field(300, ge=1)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)

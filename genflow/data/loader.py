@@ -40,7 +40,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from genflow.data.celeba import ATTRIBUTE_NAMES
 from genflow.data.shards import ATTRS_EXT, ATTRS_NPY_HEADER, IMAGE_EXT, ppm_header
 
-_SHUFFLE_BUFFER = 2000  # samples (~12 KB each) held per worker to mix the shards it reads
+_SHUFFLE_BUFFER = 1000  # samples (~12 KB each) each worker holds to mix its stream
 
 
 def read_stats(shards: str | Path) -> dict:

@@ -7,12 +7,13 @@
     {shards}/manifest.parquet                one row per kept image: key, split, shard, 40 attributes
     {shards}/stats.json                      source, counts, mean/std, shard sha256s, rejections
 
-Images are stored as binary PPM: lossless like PNG, and decoding is a header check and a
-memory view, where a 64x64 PNG costs the loader ~100x more CPU (benchmarks/loader.py prints
-both). The price is size: 12.3 KB per image, ~2.5 GB for CelebA, against ~1.8 GB as PNG.
+Images are stored as binary PPM: lossless like PNG, but decoding is a header check and a
+memory view, where a 64x64 PNG costs the loader over 100x more CPU (benchmarks/loader.py
+prints both). The price is size: 14 KB per sample in the tar, 2.9 GB for CelebA.
 
-Same input and params, byte-identical shards: the split and the output order are fixed before
-any image is decoded, and the tar headers carry fixed times and owners.
+Each process writes whole shards with webdataset's TarWriter. Same input and params give
+byte-identical shards: the split and each shard's list of images are fixed before any image
+is decoded, and the tar headers carry a fixed time and owner.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _npy_header(array: np.ndarray) -> bytes:
 
 
 # What np.save writes for any uint8 [40] is this header and the 40 bytes: built once, it saves
-# the main process (which writes every sample) an np.save per image, and the loader an np.load.
+# an np.save per image when writing and an np.load when loading.
 ATTRS_NPY_HEADER = _npy_header(np.zeros(len(ATTRIBUTE_NAMES), np.uint8))
 
 
@@ -125,7 +126,9 @@ def _check_size(width: int, height: int) -> None:
 def _resize_crop(image: Image.Image, crop: int, size: int, scale: float) -> np.ndarray:
     left, top = (IMAGE_SIZE[0] - crop) / 2, (IMAGE_SIZE[1] - crop) / 2
     box = (left * scale, top * scale, (left + crop) * scale, (top + crop) * scale)
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
+    resized = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    # A view of Pillow's packed bytes: half the cost of np.asarray(resized).
+    return np.frombuffer(resized.tobytes(), np.uint8).reshape(size, size, 3)
 
 
 def prepare(data: DataParams) -> dict:
@@ -198,7 +201,6 @@ def _write_splits(root: Path, celeba: CelebA, splits: dict[str, list[str]], data
     shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
     rows: dict[str, list] = {"key": [], "split": [], "shard": []}
     kept_attrs, rejected, converted = [], list(celeba.rejected), []
-    attrs_by_name = dict(zip(celeba.names, celeba.attrs > 0))
     train_histogram = np.zeros((3, 256), np.int64)
     for task, result in zip(tasks, results):
         split = task.file.split("/")[0]
@@ -210,11 +212,11 @@ def _write_splits(root: Path, celeba: CelebA, splits: dict[str, list[str]], data
             (root / task.file).unlink()
             continue
         shards[split].append({"file": task.file, "count": len(result.kept), "bytes": result.bytes, "sha256": result.sha256})
-        rows["key"] += [celeba.image_id(name) for name in result.kept]
+        rows["key"] += [celeba.image_id(task.names[i]) for i in result.kept]
         rows["split"] += [split] * len(result.kept)
         rows["shard"] += [task.file] * len(result.kept)
-        kept_attrs += [attrs_by_name[name] for name in result.kept]
-    attrs = np.stack(kept_attrs) if kept_attrs else np.zeros((0, len(ATTRIBUTE_NAMES)), bool)
+        kept_attrs.append(task.attrs[result.kept])
+    attrs = np.concatenate(kept_attrs) if kept_attrs else np.zeros((0, len(ATTRIBUTE_NAMES)), bool)
     manifest = pa.table({**rows, **{name: attrs[:, i] for i, name in enumerate(ATTRIBUTE_NAMES)}})
     return _Written(shards, manifest, rejected, converted, train_histogram)
 
@@ -262,11 +264,6 @@ def _stats(data: DataParams, celeba: CelebA, written: _Written, assigned: dict[s
     }
 
 
-def _usable_cores() -> int:
-    # The cores this process may run on (a container's CPU set), not all the machine has.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @dataclass
 class _ShardTask:
     file: str  # relative to the output, e.g. "train/celeba64-000003.tar"
@@ -277,7 +274,7 @@ class _ShardTask:
 
 @dataclass
 class _ShardResult:
-    kept: list[str]  # the names written, in order
+    kept: list[int]  # positions in the task of the images written
     rejected: list[tuple[str, str]]  # (name, reason)
     converted: list[tuple[str, str]]  # (name, note)
     bytes: int
@@ -299,14 +296,15 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
     header = ppm_header(size)
     kept, rejected, converted, pixels_kept = [], [], [], []
     with wds.TarWriter(str(path), encoder=False, mtime=_TAR_MTIME) as tar:
-        for name, attrs in zip(task.names, task.attrs):
+        for position, (name, attrs) in enumerate(zip(task.names, task.attrs)):
             try:
                 pixels, note = square_image(source.read(name), crop, size)
             except BadImage as bad:
                 rejected.append((name, str(bad)))
                 continue
-            tar.write({"__key__": CelebA.image_id(name), IMAGE_EXT: header + pixels.tobytes(), ATTRS_EXT: ATTRS_NPY_HEADER + attrs.astype(np.uint8).tobytes()})
-            kept.append(name)
+            sample = {IMAGE_EXT: header + pixels.tobytes(), ATTRS_EXT: ATTRS_NPY_HEADER + attrs.astype(np.uint8).tobytes()}
+            tar.write({"__key__": CelebA.image_id(name), **sample})
+            kept.append(position)
             if note:
                 converted.append((name, note))
             if task.with_histogram:
@@ -316,9 +314,16 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
         stacked = np.stack(pixels_kept) if pixels_kept else np.zeros((0, size, size, 3), np.uint8)
         # Histograms, not sums: bincount is ~2x faster than an int64 reduction, and as exact.
         histogram = np.stack([np.bincount(stacked[..., c].ravel(), minlength=256) for c in range(3)])
+    sha256 = hashlib.sha256()
     with open(path, "rb") as f:
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    return _ShardResult(kept, rejected, converted, path.stat().st_size, sha256, histogram)
+        while block := f.read(1 << 20):
+            sha256.update(block)
+    return _ShardResult(kept, rejected, converted, path.stat().st_size, sha256.hexdigest(), histogram)
+
+
+def _usable_cores() -> int:
+    # The cores this process may run on (a container's CPU set), not all the machine has.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _indexed(fn, task_and_index):

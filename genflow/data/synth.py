@@ -113,7 +113,9 @@ def write_sample(out: str | Path, n: int, layout: str = "official", seed: int = 
 
 def sample_attributes(n: int, rng: np.random.Generator) -> np.ndarray:
     """int8 [n, 40] of -1/1 in ATTRIBUTE_NAMES order."""
-    u = lambda: rng.random(n)  # noqa: E731  (a fresh uniform per attribute)
+    def u() -> np.ndarray:  # a fresh uniform draw per attribute
+        return rng.random(n)
+
     male = u() < _P_MALE
     on = {name: u() < np.where(male, p_male, p_female) for name, (p_female, p_male) in _P_BY_SEX.items()}
     on["Male"] = male
@@ -149,126 +151,178 @@ def _one_of(choices: dict, male: np.ndarray, allowed: np.ndarray, u: np.ndarray)
 def draw_face(a: dict[str, bool], rng: random.Random) -> tuple[Image.Image, list[int], list[int]]:
     """Draw one 178x218 face following the attributes `a`; return it, its landmarks and face box.
 
-    The geometry follows img_align_celeba: eyes near y=111, x=69 and 108, mouth near y=152.
+    Every attribute but Attractive (no honest picture of it) changes what is drawn.
     """
-    jitter = lambda size: rng.uniform(-size, size)  # noqa: E731
-    shade = lambda rgb, size=14: tuple(int(min(255, max(0, c + jitter(size)))) for c in rgb)  # noqa: E731
-    width, height = IMAGE_SIZE
-    image = Image.new("RGB", IMAGE_SIZE, shade((rng.uniform(40, 220), rng.uniform(40, 220), rng.uniform(40, 220)), 0))
-    draw = ImageDraw.Draw(image)
+    face = _Face(a, rng)
+    face.clothes()
+    face.hair_behind()
+    face.head()
+    face.eyes()
+    face.cheeks_and_nose()
+    face.beard()
+    face.mouth()
+    face.accessories()
+    image = face.image.filter(ImageFilter.BoxBlur(2)) if a["Blurry"] else face.image
+    return image, [round(v) for v in face.landmarks()], [round(v) for v in face.box()]
 
-    cx, eye_y = 89 + jitter(4), 111 + jitter(4)
-    half_w = 40 + jitter(3) + (9 if a["Chubby"] else 0) - (5 if a["Oval_Face"] else 0)
-    top, chin = eye_y - 50 + jitter(3), eye_y + 58 + jitter(3) + (6 if a["Oval_Face"] else 0)
-    skin = shade(_PALE_SKIN_RGB, 6) if a["Pale_Skin"] else shade(rng.choice(_SKIN_RGB))
-    hair_name = next((name for name in _HAIR_RGB if a[name]), None)
-    hair = shade(_HAIR_RGB[hair_name] if hair_name else rng.choice(_OTHER_HAIR_RGB), 10)
-    darker = lambda rgb, f=0.75: tuple(int(c * f) for c in rgb)  # noqa: E731
 
-    # Clothes, neck, tie and necklace sit behind the face.
-    draw.ellipse((cx - 85, chin + 18, cx + 85, chin + 140), fill=shade((rng.uniform(30, 200),) * 3, 40))
-    draw.rectangle((cx - 20, chin - 20, cx + 20, chin + 30), fill=darker(skin, 0.9))
-    if a["Wearing_Necktie"]:
-        draw.polygon([(cx - 7, chin + 22), (cx + 7, chin + 22), (cx + 11, height), (cx - 11, height)], fill=shade((150, 20, 40), 40))
-    if a["Wearing_Necklace"]:
-        draw.arc((cx - 22, chin - 5, cx + 22, chin + 28), 20, 160, fill=(235, 205, 90), width=3)
+class _Face:
+    """One face's geometry and colours, jittered; each method draws one part, back to front.
 
-    long_hair = not a["Bald"] and (not a["Male"] or a["Wavy_Hair"] or a["Straight_Hair"])
-    hairline = top + (12 if a["Receding_Hairline"] else 0)
-    if not a["Bald"]:
-        draw.ellipse((cx - half_w - 10, top - 14, cx + half_w + 10, eye_y + 40), fill=hair)
-        if long_hair:
-            bottom = chin + (25 if not a["Male"] else 0)
-            if a["Wavy_Hair"]:
-                for y in np.arange(eye_y - 10, bottom, 12.0):
-                    for side in (-1, 1):
-                        draw.ellipse((cx + side * (half_w + 2) - 11, y - 8, cx + side * (half_w + 2) + 11, y + 8), fill=hair)
-            else:
-                draw.rectangle((cx - half_w - 10, eye_y - 10, cx + half_w + 10, bottom), fill=hair)
+    The geometry follows img_align_celeba: eyes near y=111 and x=69, 108, mouth near y=152.
+    """
 
-    draw.ellipse((cx - half_w, top, cx + half_w, chin), fill=skin)
-    if a["Double_Chin"]:
-        draw.arc((cx - 22, chin - 16, cx + 22, chin + 4), 20, 160, fill=darker(skin), width=3)
-    if not a["Bald"]:
-        # The hair's edge on the forehead; a receding line leaves more forehead.
-        draw.chord((cx - half_w, top - 10, cx + half_w, hairline + 22), 180, 360, fill=hair)
-        if a["Bangs"]:
-            draw.chord((cx - half_w, top - 10, cx + half_w, eye_y - 8), 180, 360, fill=hair)
+    def __init__(self, a: dict[str, bool], rng: random.Random):
+        self.a, self.rng = a, rng
+        background = (rng.uniform(40, 220), rng.uniform(40, 220), rng.uniform(40, 220))
+        self.image = Image.new("RGB", IMAGE_SIZE, self.shade(background, 0))
+        self.draw = ImageDraw.Draw(self.image)
+        self.cx, self.eye_y = 89 + self.jitter(4), 111 + self.jitter(4)
+        self.half_w = 40 + self.jitter(3) + (9 if a["Chubby"] else 0) - (5 if a["Oval_Face"] else 0)
+        self.top = self.eye_y - 50 + self.jitter(3)
+        self.chin = self.eye_y + 58 + self.jitter(3) + (6 if a["Oval_Face"] else 0)
+        self.eye_dx = 19.5 + self.jitter(1.5)
+        self.nose_y = self.eye_y + 24 + self.jitter(2)
+        self.mouth_y, self.mouth_w = self.eye_y + 41 + self.jitter(2), 16 + self.jitter(2)
+        self.skin = self.shade(_PALE_SKIN_RGB, 6) if a["Pale_Skin"] else self.shade(rng.choice(_SKIN_RGB))
+        hair_name = next((name for name in _HAIR_RGB if a[name]), None)
+        self.hair = self.shade(_HAIR_RGB[hair_name] if hair_name else rng.choice(_OTHER_HAIR_RGB), 10)
 
-    eye_dx = 19.5 + jitter(1.5)
-    eyes = [(cx - eye_dx, eye_y), (cx + eye_dx, eye_y)]
-    brow = darker(hair, 0.6) if not a["Bald"] else darker(skin, 0.5)
-    for ex, ey in eyes:
-        if a["Heavy_Makeup"]:
-            draw.ellipse((ex - 10, ey - 10, ex + 10, ey + 2), fill=shade((120, 80, 150), 30))
-        if a["Bags_Under_Eyes"]:
-            draw.arc((ex - 8, ey - 2, ex + 8, ey + 9), 20, 160, fill=darker(skin, 0.7), width=2)
-        eye_h = 2 if a["Narrow_Eyes"] else 4
-        draw.ellipse((ex - 7, ey - eye_h, ex + 7, ey + eye_h), fill=(245, 245, 240))
-        draw.ellipse((ex - 3, ey - min(eye_h, 3), ex + 3, ey + min(eye_h, 3)), fill=shade((60, 45, 35), 20))
-        brow_w = 5 if a["Bushy_Eyebrows"] else 2
-        if a["Arched_Eyebrows"]:
-            draw.arc((ex - 10, ey - 16, ex + 10, ey - 4), 200, 340, fill=brow, width=brow_w)
+    def jitter(self, size: float) -> float:
+        return self.rng.uniform(-size, size)
+
+    def shade(self, rgb, size: float = 14) -> tuple[int, ...]:
+        return tuple(int(min(255, max(0, c + self.jitter(size)))) for c in rgb)
+
+    @staticmethod
+    def darker(rgb, factor: float = 0.75) -> tuple[int, ...]:
+        return tuple(int(c * factor) for c in rgb)
+
+    @property
+    def eye_centres(self) -> list[tuple[float, float]]:
+        return [(self.cx - self.eye_dx, self.eye_y), (self.cx + self.eye_dx, self.eye_y)]
+
+    def clothes(self) -> None:
+        a, draw, cx, chin = self.a, self.draw, self.cx, self.chin
+        draw.ellipse((cx - 85, chin + 18, cx + 85, chin + 140), fill=self.shade((self.rng.uniform(30, 200),) * 3, 40))
+        draw.rectangle((cx - 20, chin - 20, cx + 20, chin + 30), fill=self.darker(self.skin, 0.9))  # the neck
+        if a["Wearing_Necktie"]:
+            tie = [(cx - 7, chin + 22), (cx + 7, chin + 22), (cx + 11, IMAGE_SIZE[1]), (cx - 11, IMAGE_SIZE[1])]
+            draw.polygon(tie, fill=self.shade((150, 20, 40), 40))
+        if a["Wearing_Necklace"]:
+            draw.arc((cx - 22, chin - 5, cx + 22, chin + 28), 20, 160, fill=(235, 205, 90), width=3)
+
+    def hair_behind(self) -> None:
+        a, draw, cx, w = self.a, self.draw, self.cx, self.half_w
+        if a["Bald"]:
+            return
+        draw.ellipse((cx - w - 10, self.top - 14, cx + w + 10, self.eye_y + 40), fill=self.hair)
+        if a["Male"] and not (a["Wavy_Hair"] or a["Straight_Hair"]):
+            return  # short hair
+        bottom = self.chin + (0 if a["Male"] else 25)
+        if a["Wavy_Hair"]:
+            for y in np.arange(self.eye_y - 10, bottom, 12.0):
+                for x in (cx - w - 2, cx + w + 2):
+                    draw.ellipse((x - 11, y - 8, x + 11, y + 8), fill=self.hair)
         else:
-            draw.line((ex - 10, ey - 10, ex + 10, ey - 10), fill=brow, width=brow_w)
-        if not a["Young"]:
-            draw.line((ex + (11 if ex > cx else -11), ey - 1, ex + (16 if ex > cx else -16), ey + 2), fill=darker(skin, 0.7), width=1)
+            draw.rectangle((cx - w - 10, self.eye_y - 10, cx + w + 10, bottom), fill=self.hair)
 
-    if a["Rosy_Cheeks"] or a["High_Cheekbones"]:
-        cheek = (230, 120, 130) if a["Rosy_Cheeks"] else tuple(min(255, c + 25) for c in skin)
-        for ex, ey in eyes:
-            draw.ellipse((ex - 8, ey + 11, ex + 8, ey + 21), fill=cheek)
+    def head(self) -> None:
+        a, draw, cx, w = self.a, self.draw, self.cx, self.half_w
+        draw.ellipse((cx - w, self.top, cx + w, self.chin), fill=self.skin)
+        if a["Double_Chin"]:
+            draw.arc((cx - 22, self.chin - 16, cx + 22, self.chin + 4), 20, 160, fill=self.darker(self.skin), width=3)
+        if a["Bald"]:
+            return
+        # The hair's edge on the forehead; a receding line leaves more forehead.
+        hairline = self.top + (12 if a["Receding_Hairline"] else 0)
+        draw.chord((cx - w, self.top - 10, cx + w, hairline + 22), 180, 360, fill=self.hair)
+        if a["Bangs"]:
+            draw.chord((cx - w, self.top - 10, cx + w, self.eye_y - 8), 180, 360, fill=self.hair)
 
-    nose_y = eye_y + 24 + jitter(2)
-    nose_w = (9 if a["Big_Nose"] else 5) - (2 if a["Pointy_Nose"] else 0)
-    draw.polygon([(cx, eye_y + 4), (cx - nose_w, nose_y), (cx + nose_w, nose_y)], fill=darker(skin, 0.85))
+    def eyes(self) -> None:
+        a, draw = self.a, self.draw
+        brow = self.darker(self.skin, 0.5) if a["Bald"] else self.darker(self.hair, 0.6)
+        eye_h = 2 if a["Narrow_Eyes"] else 4
+        brow_w = 5 if a["Bushy_Eyebrows"] else 2
+        for ex, ey in self.eye_centres:
+            if a["Heavy_Makeup"]:
+                draw.ellipse((ex - 10, ey - 10, ex + 10, ey + 2), fill=self.shade((120, 80, 150), 30))
+            if a["Bags_Under_Eyes"]:
+                draw.arc((ex - 8, ey - 2, ex + 8, ey + 9), 20, 160, fill=self.darker(self.skin, 0.7), width=2)
+            draw.ellipse((ex - 7, ey - eye_h, ex + 7, ey + eye_h), fill=(245, 245, 240))
+            draw.ellipse((ex - 3, ey - min(eye_h, 3), ex + 3, ey + min(eye_h, 3)), fill=self.shade((60, 45, 35), 20))
+            if a["Arched_Eyebrows"]:
+                draw.arc((ex - 10, ey - 16, ex + 10, ey - 4), 200, 340, fill=brow, width=brow_w)
+            else:
+                draw.line((ex - 10, ey - 10, ex + 10, ey - 10), fill=brow, width=brow_w)
+            if not a["Young"]:  # crow's feet
+                outward = 1 if ex > self.cx else -1
+                draw.line((ex + 11 * outward, ey - 1, ex + 16 * outward, ey + 2), fill=self.darker(self.skin, 0.7), width=1)
 
-    mouth_y, mouth_w = eye_y + 41 + jitter(2), 16 + jitter(2)
-    if not a["No_Beard"]:
-        beard_rgb = darker(hair, 0.8) if not a["Bald"] else (50, 40, 35)
+    def cheeks_and_nose(self) -> None:
+        a, draw, cx = self.a, self.draw, self.cx
+        if a["Rosy_Cheeks"] or a["High_Cheekbones"]:
+            cheek = (230, 120, 130) if a["Rosy_Cheeks"] else tuple(min(255, c + 25) for c in self.skin)
+            for ex, ey in self.eye_centres:
+                draw.ellipse((ex - 8, ey + 11, ex + 8, ey + 21), fill=cheek)
+        nose_w = (9 if a["Big_Nose"] else 5) - (2 if a["Pointy_Nose"] else 0)
+        nose = [(cx, self.eye_y + 4), (cx - nose_w, self.nose_y), (cx + nose_w, self.nose_y)]
+        draw.polygon(nose, fill=self.darker(self.skin, 0.85))
+
+    def beard(self) -> None:
+        a, draw, cx, w, eye_y, chin = self.a, self.draw, self.cx, self.half_w, self.eye_y, self.chin
+        if a["No_Beard"]:
+            return
+        beard = (50, 40, 35) if a["Bald"] else self.darker(self.hair, 0.8)
         if a["5_o_Clock_Shadow"]:
-            draw.chord((cx - half_w + 4, eye_y + 10, cx + half_w - 4, chin), 20, 160, fill=darker(skin, 0.72))
+            draw.chord((cx - w + 4, eye_y + 10, cx + w - 4, chin), 20, 160, fill=self.darker(self.skin, 0.72))
         if a["Goatee"]:
-            draw.ellipse((cx - 10, chin - 16, cx + 10, chin + 2), fill=beard_rgb)
+            draw.ellipse((cx - 10, chin - 16, cx + 10, chin + 2), fill=beard)
         if a["Sideburns"]:
-            for side in (-1, 1):
-                x = cx + side * (half_w - 5)
-                draw.rectangle((min(x, x - side * 8), eye_y - 5, max(x, x - side * 8), eye_y + 28), fill=beard_rgb)
+            for x in (cx - w + 5, cx + w - 13):
+                draw.rectangle((x, eye_y - 5, x + 8, eye_y + 28), fill=beard)
         if not (a["5_o_Clock_Shadow"] or a["Goatee"] or a["Mustache"] or a["Sideburns"]):
-            draw.chord((cx - half_w, eye_y + 15, cx + half_w, chin + 4), 0, 180, fill=beard_rgb)
+            draw.chord((cx - w, eye_y + 15, cx + w, chin + 4), 0, 180, fill=beard)  # a full beard
         if a["Mustache"]:
-            draw.rectangle((cx - mouth_w, mouth_y - 9, cx + mouth_w, mouth_y - 4), fill=beard_rgb)
-    lips = shade((200, 30, 50), 15) if a["Wearing_Lipstick"] else darker(skin, 0.7)
-    lip_w = 5 if a["Big_Lips"] else 3
-    if a["Mouth_Slightly_Open"]:
-        draw.ellipse((cx - mouth_w + 4, mouth_y - 4, cx + mouth_w - 4, mouth_y + 7), fill=(70, 20, 25))
-    if a["Smiling"]:
-        draw.arc((cx - mouth_w, mouth_y - 12, cx + mouth_w, mouth_y + 8), 15, 165, fill=lips, width=lip_w)
-        corners = (mouth_y - 3, mouth_y - 3)
-    else:
-        draw.line((cx - mouth_w, mouth_y, cx + mouth_w, mouth_y), fill=lips, width=lip_w)
-        corners = (mouth_y, mouth_y)
+            draw.rectangle((cx - self.mouth_w, self.mouth_y - 9, cx + self.mouth_w, self.mouth_y - 4), fill=beard)
 
-    if a["Eyeglasses"]:
-        frame = shade((25, 25, 30), 10)
-        lens = frame if rng.random() < 0.2 else None  # some are sunglasses
-        for ex, ey in eyes:
-            draw.rounded_rectangle((ex - 13, ey - 9, ex + 13, ey + 9), radius=4, outline=frame, fill=lens, width=3)
-        draw.line((cx - eye_dx + 13, eye_y - 2, cx + eye_dx - 13, eye_y - 2), fill=frame, width=3)
-    if a["Wearing_Earrings"]:
-        for side in (-1, 1):
-            x = cx + side * (half_w + 1)
-            draw.ellipse((x - 4, eye_y + 30, x + 4, eye_y + 38), fill=(235, 205, 90))
-    if a["Wearing_Hat"]:
-        hat = shade((rng.uniform(20, 230), rng.uniform(20, 230), rng.uniform(20, 230)), 0)
-        draw.chord((cx - half_w - 6, top - 40, cx + half_w + 6, eye_y - 4), 180, 360, fill=hat)
-        draw.rectangle((cx - half_w - 18, eye_y - 30, cx + half_w + 18, eye_y - 20), fill=darker(hat))
+    def mouth(self) -> None:
+        a, draw, cx, y, w = self.a, self.draw, self.cx, self.mouth_y, self.mouth_w
+        lips = self.shade((200, 30, 50), 15) if a["Wearing_Lipstick"] else self.darker(self.skin, 0.7)
+        lip_w = 5 if a["Big_Lips"] else 3
+        if a["Mouth_Slightly_Open"]:
+            draw.ellipse((cx - w + 4, y - 4, cx + w - 4, y + 7), fill=(70, 20, 25))
+        if a["Smiling"]:
+            draw.arc((cx - w, y - 12, cx + w, y + 8), 15, 165, fill=lips, width=lip_w)
+        else:
+            draw.line((cx - w, y, cx + w, y), fill=lips, width=lip_w)
 
-    if a["Blurry"]:
-        image = image.filter(ImageFilter.BoxBlur(2))
-    landmarks = [eyes[0][0], eyes[0][1], eyes[1][0], eyes[1][1], cx, nose_y, cx - mouth_w, corners[0], cx + mouth_w, corners[1]]
-    bbox = [cx - half_w, top, 2 * half_w, chin - top]
-    return image, [round(v) for v in landmarks], [round(v) for v in bbox]
+    def accessories(self) -> None:
+        a, draw, cx, w, eye_y = self.a, self.draw, self.cx, self.half_w, self.eye_y
+        if a["Eyeglasses"]:
+            frame = self.shade((25, 25, 30), 10)
+            lens = frame if self.rng.random() < 0.2 else None  # some are sunglasses
+            for ex, ey in self.eye_centres:
+                draw.rounded_rectangle((ex - 13, ey - 9, ex + 13, ey + 9), radius=4, outline=frame, fill=lens, width=3)
+            draw.line((cx - self.eye_dx + 13, eye_y - 2, cx + self.eye_dx - 13, eye_y - 2), fill=frame, width=3)
+        if a["Wearing_Earrings"]:
+            for x in (cx - w - 1, cx + w + 1):
+                draw.ellipse((x - 4, eye_y + 30, x + 4, eye_y + 38), fill=(235, 205, 90))
+        if a["Wearing_Hat"]:
+            hat = self.shade((self.rng.uniform(20, 230), self.rng.uniform(20, 230), self.rng.uniform(20, 230)), 0)
+            draw.chord((cx - w - 6, self.top - 40, cx + w + 6, eye_y - 4), 180, 360, fill=hat)
+            draw.rectangle((cx - w - 18, eye_y - 30, cx + w + 18, eye_y - 20), fill=self.darker(hat))  # the brim
+
+    def landmarks(self) -> list[float]:
+        """As list_landmarks_align_celeba: eyes, nose tip, mouth corners (x, y each)."""
+        (lx, ly), (rx, ry) = self.eye_centres
+        corner_y = self.mouth_y - (3 if self.a["Smiling"] else 0)
+        return [lx, ly, rx, ry, self.cx, self.nose_y, self.cx - self.mouth_w, corner_y, self.cx + self.mouth_w, corner_y]
+
+    def box(self) -> list[float]:
+        """As list_bbox_celeba: x_1, y_1, width, height of the face."""
+        return [self.cx - self.half_w, self.top, 2 * self.half_w, self.chin - self.top]
 
 
 class _ImageWriter:

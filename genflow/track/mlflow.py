@@ -63,7 +63,14 @@ def configure(tracking: TrackingParams) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id."""
     uri = resolve_tracking_uri(tracking)
     _check_reachable(uri)
+    users_choice = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; put back the user's own setting, so
+    # that it keeps meaning "the user chose this" for the next params read in this process.
+    if users_choice is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users_choice
     client = MlflowClient(uri)
     experiment = with_retries(lambda: client.get_experiment_by_name(tracking.experiment))
     if experiment is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import mlflow
 import ray
+import ray.cloudpickle
 import ray.tune
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -97,20 +98,20 @@ class TrialSetup:
     family: str
     base: dict[str, Any]  # the params every trial starts from (genflow.tune.space.trial_base)
     runs: SearchRuns
+    train_storage: str  # trial T's Train run (checkpoints) is TRAIN_STORAGE/T
     batch_source: BatchSource | None = None
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One trial (Tune's function trainable): the trial's params, its child run, its TorchTrainer."""
-    context = ray.tune.get_context()
-    trial_id = context.get_trial_id()
+    trial_id = ray.tune.get_context().get_trial_id()
     client = setup.runs.client()
     run_id = setup.runs.trial_run(trial_id, config).info.run_id
     params = trial_params(setup.base, setup.family, config)  # a bad combination fails this trial alone
     _log_params(client, run_id, flatten({"model": params.family_config(setup.family), "train": params.train,
                                          "data": params.data}))
     trainer = torch_trainer(
-        setup.family, params, name="train", storage=Path(context.get_trial_dir()),
+        setup.family, params, name=trial_id, storage=Path(setup.train_storage),
         tracking_uri=setup.runs.tracking_uri, mlflow_run_id=run_id,
         batch_source=setup.batch_source, callbacks=[TuneReportCallback()],
     )
@@ -132,16 +133,27 @@ class TrialRuns(ray.tune.Callback):
         last = trial.last_result or {}
         run_id = self.runs.trial_run(trial.trial_id, trial.config).info.run_id
         client = self.runs.client()
-        stopped = last.get("step", 0) < self.max_steps
-        metrics = [Metric(f"tune/{self.metric}", float(last[self.metric]), report.now_ms(), int(last["step"]))] if self.metric in last else []
-        with_retries(lambda: client.log_batch(run_id, metrics=metrics, tags=[RunTag(STOPPED_EARLY_TAG, str(stopped).lower())]))
+        stopped = RunTag(STOPPED_EARLY_TAG, str(last.get("step", 0) < self.max_steps).lower())
+        metrics = []
+        if self.metric in last:
+            metrics.append(Metric(f"tune/{self.metric}", float(last[self.metric]), report.now_ms(), int(last["step"])))
+        with_retries(lambda: client.log_batch(run_id, metrics=metrics, tags=[stopped]))
         with_retries(lambda: client.set_terminated(run_id, "FINISHED"))
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         run_id = self.runs.trial_run(trial.trial_id, trial.config).info.run_id
         client = self.runs.client()
-        with_retries(lambda: client.set_tag(run_id, ERROR_TAG, report.describe_error(trial.get_pickled_error())[:5000]))
+        with_retries(lambda: client.set_tag(run_id, ERROR_TAG, report.describe_error(_trial_exception(trial))[:5000]))
         with_retries(lambda: client.set_terminated(run_id, "FAILED"))
+
+
+def _trial_exception(trial) -> BaseException | None:
+    # Tune has just written it beside the trial (Trial.get_pickled_error reads the synced copy,
+    # which is not there yet).
+    path = trial.pickled_error_file
+    if path and Path(path).exists():
+        return ray.cloudpickle.loads(Path(path).read_bytes())
+    return trial.get_pickled_error()
 
 
 @dataclass
@@ -204,7 +216,9 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
     status = "FAILED"
     try:
         ensure_ray(params.ray)
-        tuner = _tuner(family, settings, params, runs, TrialSetup(family, base, runs, batch_source), storage / name)
+        # A trial's Train run lives beside Tune's trial state, so that a restored trial resumes from it.
+        setup = TrialSetup(family, base, runs, str(storage / name / "train"), batch_source)
+        tuner = _tuner(settings, params, setup, storage / name)
         grid = tuner.fit()
         unfinished = len(grid) - grid.num_terminated - grid.num_errors
         if unfinished:
@@ -219,8 +233,7 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
         with_retries(lambda: client.set_terminated(runs.parent_run_id, status))
 
 
-def _tuner(family: str, settings: SearchSettings, params: Params, runs: SearchRuns, setup: TrialSetup,
-           path: Path) -> ray.tune.Tuner:
+def _tuner(settings: SearchSettings, params: Params, setup: TrialSetup, path: Path) -> ray.tune.Tuner:
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), DRIVER_RESOURCES)
     if ray.tune.Tuner.can_restore(path):
         # Finished and failed trials stay as they were; unfinished ones resume from their Train checkpoints.
@@ -241,7 +254,7 @@ def _tuner(family: str, settings: SearchSettings, params: Params, runs: SearchRu
             name=path.name,
             storage_path=str(path.parent),
             failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
-            callbacks=[TrialRuns(runs, settings.metric, params.train.max_steps)],
+            callbacks=[TrialRuns(setup.runs, settings.metric, params.train.max_steps)],
         ),
     )
 
@@ -254,8 +267,9 @@ def trial_slots(params: Params, settings: SearchSettings) -> int:
         need["GPU"] = settings.workers_per_trial
     slots = min(math.floor(resources.get(name, 0) / amount) for name, amount in need.items())
     if slots < 1:
-        raise ValueError(f"a trial needs {need} for its Train workers but the Ray cluster has "
-                         f"{ {k: resources.get(k, 0) for k in need} }; lower tune.{{family}}.workers_per_trial / cpus_per_worker")
+        have = {name: resources.get(name, 0) for name in need}
+        raise ValueError(f"a trial's Train workers need {need} but the Ray cluster has {have}; "
+                         "lower tune.FAMILY.workers_per_trial or cpus_per_worker")
     return slots
 
 

@@ -67,6 +67,13 @@ class Distribution(StrictModel):
         """Values checked against the params schema before the search starts."""
         return list(self.choice) if self.choice is not None else list(getattr(self, self.kind))
 
+    def contains(self, value: Any) -> bool:
+        if self.choice is not None:
+            return value in self.choice
+        low, high = getattr(self, self.kind)
+        integral = self.kind in ("int", "logint")
+        return isinstance(value, (builtins.int, float)) and (not integral or value == round(value)) and low <= value <= high
+
     def applies(self, drawn: dict[str, Any]) -> bool:
         return all(drawn.get(key, _ABSENT) in _as_list(allowed) for key, allowed in self.when.items())
 
@@ -131,9 +138,12 @@ class SearchSettings(StrictModel):
             if key and key not in self.space:
                 raise ValueError(f"{name}: {key} is not a key of the space")
         for point in self.points_to_evaluate:
-            unknown = sorted(set(point) - set(self.space))
-            if unknown:
-                raise ValueError(f"points_to_evaluate: {unknown[0]} is not a key of the space")
+            for key, value in point.items():
+                if key not in self.space:
+                    raise ValueError(f"points_to_evaluate: {key} is not a key of the space")
+                if not self.space[key].contains(value):
+                    raise ValueError(f"points_to_evaluate: {key}={value!r} is outside its distribution "
+                                     f"{self.space[key].model_dump(exclude_defaults=True)}")
         return self
 
 

@@ -1,0 +1,111 @@
+"""Train -> evaluate -> register -> promote -> sample, on tiny shards and a real MLflow store."""
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from genflow.cli import main
+from genflow.data.shards import prepare
+from genflow.data.synth import write_sample
+from genflow.eval.report import evaluate_family
+from genflow.train.trainer import train
+from genflow.track.mlflow import TrackingError, configure
+from genflow.track.registry import PromotionRefused, format_registry, promote, register_family
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = ["train.workers=1", "train.max_steps=4", "train.checkpoint_every=4", "evaluate.batches=2",
+             "evaluate.batch_size=16", "evaluate.sample_n=4", "data.sample.n=60", "data.max_reject_fraction=0"]
+
+
+@pytest.fixture(scope="module")
+def registered(ray_local, tmp_path_factory):
+    """One trained, evaluated, registered tiny VAE (version 1, alias candidate)."""
+    from tests.conftest import TINY_VAE
+    from genflow.config import load_params
+
+    root = tmp_path_factory.mktemp("registry")
+    raw = {}
+    for item in [*TINY_VAE, *OVERRIDES, f"tracking.uri=sqlite:///{root}/mlflow.db", f"train.storage_path={root}/ray",
+                 f"data.shards={root}/shards", f"data.sample.dir={root}/sample", "train.batch_size=8"]:
+        key, value = item.split("=", 1)
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    params = load_params(params_file)
+    write_sample(params.data.sample.dir, n=params.data.sample.n)
+    prepare(params.data)
+    train("vae", params)
+    evaluate_family("vae", params)
+    version = register_family("vae", params)
+    return params, params_file, version
+
+
+def test_registered_version_carries_metrics_card_and_alias(registered):
+    params, _, version = registered
+    client = mlflow.MlflowClient()
+    assert str(version.version) == "1"
+    stored = client.get_model_version("celeba64-vae", "1")
+    assert float(stored.tags["test.bits_per_dim"]) > 0
+    assert "bits_per_dim" in stored.description and "synthetic sample" in stored.description
+    assert str(client.get_model_version_by_alias("celeba64-vae", "candidate").version) == "1"
+    assert "candidate" in format_registry(params)
+
+
+def test_registered_pyfunc_loads_and_samples(registered):
+    model = mlflow.pyfunc.load_model("models:/celeba64-vae@candidate")
+    images = model.predict(pd.DataFrame({"n": [3], "seed": [0]}))
+    assert images.shape == (3, 3, 64, 64) and images.dtype == np.uint8
+    again = model.predict(pd.DataFrame({"n": [3], "seed": [0]}))
+    other = model.predict(pd.DataFrame({"n": [3], "seed": [1]}))
+    assert np.array_equal(images, again) and not np.array_equal(images, other)
+
+
+def test_promotion_gate_refuses_worse_forces_and_requires_staging_first(registered):
+    params, _, _ = registered
+    client = mlflow.MlflowClient()
+    with pytest.raises(PromotionRefused, match="never been in staging"):
+        promote(params, "celeba64-vae", "1", "production")
+    assert "now staging" in promote(params, "celeba64-vae", "1", "staging", reason="first model")
+    staged = client.get_model_version("celeba64-vae", "1")
+    assert staged.tags["genflow.promoted.staging.reason"] == "first model"
+    assert staged.tags["genflow.promoted.staging.by"] and staged.tags["genflow.promoted.staging.at"]
+
+    worse = register_family("vae", params)
+    value = float(client.get_model_version("celeba64-vae", "1").tags["test.bits_per_dim"]) + 1.0
+    client.set_model_version_tag("celeba64-vae", str(worse.version), "test.bits_per_dim", str(value))
+    with pytest.raises(PromotionRefused, match=r"worse than staging version 1"):
+        promote(params, "celeba64-vae", str(worse.version), "staging")
+    assert str(client.get_model_version_by_alias("celeba64-vae", "staging").version) == "1"
+    message = promote(params, "celeba64-vae", str(worse.version), "staging", force=True, reason="testing the override")
+    assert "[forced]" in message
+    assert client.get_model_version("celeba64-vae", str(worse.version)).tags["genflow.promoted.staging.forced"] == "true"
+    assert str(client.get_model_version_by_alias("celeba64-vae", "staging").version) == str(worse.version)
+
+    assert "now production" in promote(params, "celeba64-vae", "1", "production")
+    assert str(client.get_model_version_by_alias("celeba64-vae", "production").version) == "1"
+
+
+def test_cli_sample_writes_a_grid_and_refuses_attributes_for_an_unconditional_model(registered, tmp_path, capsys):
+    _, params_file, _ = registered
+    out = tmp_path / "grid.png"
+    assert main(["sample", "celeba64-vae@candidate", "--n", "4", "--out", str(out), "--params", str(params_file)]) == 0
+    assert Image.open(out).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
+    assert main(["sample", "celeba64-vae/1", "--n", "4", "--out", str(out), "--attr", "Smiling=1", "--params", str(params_file)]) == 2
+    assert "unconditional" in capsys.readouterr().err
+    assert main(["registry", "list", "--params", str(params_file)]) == 0
+    assert "celeba64-vae" in capsys.readouterr().out
+
+
+def test_unreachable_tracking_server_is_a_clear_error():
+    from genflow.config import TrackingParams
+
+    with pytest.raises(TrackingError, match="http://127.0.0.1:9 is unreachable"):
+        configure(TrackingParams(uri="http://127.0.0.1:9"))
