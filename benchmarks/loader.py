@@ -1,6 +1,6 @@
 """Decoded images/s that genflow's train loader delivers from shards, with 2 loader workers.
 
-    python benchmarks/loader.py [--n 6000] [--batch-size 128] [--epochs 3]
+    python benchmarks/loader.py [--n 8000] [--batch-size 128] [--epochs 3]
 
 Writes a synthetic sample, prepares it (shards of 1000), then iterates whole epochs of
 train_loader(num_workers=2) in this process, as a training loop would, and reports the best
@@ -51,7 +51,7 @@ def per_image_decode_us(images: list[np.ndarray]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=6000, help="images in the synthetic sample (70% train)")
+    parser.add_argument("--n", type=int, default=8000, help="images in the synthetic sample (70% train)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
