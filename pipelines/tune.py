@@ -1,45 +1,30 @@
-"""DVC stage tune@FAMILY: search FAMILY's hyperparameters; train@FAMILY trains with the winner.
+"""DVC stage tune@FAMILY: `python -m pipelines.tune vae` (dvc exp run -S tune.vae.trials=32).
 
-    python pipelines/tune.py vae                  (dvc repro tune@vae; dvc exp run -S tune.vae.trials=32)
-
-Reads params.yaml (tune.FAMILY holds the search space and settings), runs the Ray Tune search
-(genflow.tune.search) and writes
-    tuned/FAMILY.yaml          the best trial's params (genflow.tune.report.load_tuned reads them)
+Searches the family's hyperparameters as params.yaml's tune.FAMILY declares (genflow.tune.search:
+Ray Tune trials, each a Ray Train run, ASHA, MLflow parent and child runs), then writes
+    tuned/FAMILY.yaml          the best trial's params; train@FAMILY applies them (load_tuned)
     plots/tune/FAMILY.csv      one row per trial: status, step, objective, drawn values
-    plots/tune/FAMILY.png      the objective against the first drawn value, coloured by a choice
+    plots/tune/FAMILY.png      the objective against a drawn value, coloured by a drawn choice
     metrics/tune/FAMILY.json   the best objective and the trial counts
-An interrupted search resumes when the stage runs again with the same params.
+Run again after an interruption, with the same params, the search resumes where it stopped.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-import genflow  # noqa: F401  (telemetry off before Ray/MLflow load)
-from genflow.config import ParamsError, load_params
 from genflow.tune import report
 from genflow.tune.search import tune
+from pipelines.common import stage_params, write_json
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("family")
-    parser.add_argument("--params", default=None, help="params file (default: ./params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        result = tune(args.family, load_params(args.params))
-    except (ParamsError, FileNotFoundError, ValueError) as err:
-        print(f"tune@{args.family}: error: {err}", file=sys.stderr)
-        return 2
-    report.write_tuned(result, Path("tuned") / f"{args.family}.yaml")
-    report.write_table(result, Path("plots/tune") / f"{args.family}.csv")
-    report.plot_search(result, Path("plots/tune") / f"{args.family}.png")
-    report.write_metrics(result, Path("metrics/tune") / f"{args.family}.json")
+def main(family: str) -> None:
+    result = tune(family, stage_params())
+    report.write_tuned(result, Path(f"tuned/{family}.yaml"))
+    report.write_table(result, Path(f"plots/tune/{family}.csv"))
+    report.plot_search(result, Path(f"plots/tune/{family}.png"))
+    write_json(f"metrics/tune/{family}.json", result.metrics())
     print(result)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(sys.argv[1])

@@ -23,13 +23,13 @@ from typing import Literal
 import numpy as np
 
 # The release's order: attribute i of a row is ATTRIBUTE_NAMES[i].
-ATTRIBUTE_NAMES = (
+ATTRIBUTE_NAMES = tuple(
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
     "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
     "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
     "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
-    "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
-).split()
+    "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young".split()
+)
 IMAGE_SIZE = (178, 218)  # (width, height) of every img_align_celeba image
 
 IMAGES_DIR = "img_align_celeba"
@@ -99,6 +99,8 @@ class ImageSource:
 
 @dataclass
 class CelebA:
+    """A parsed source: the annotated images, their attributes, and what had to be rejected."""
+
     root: Path  # the folder holding the annotations
     layout: Literal["official", "zip", "kaggle"]
     source: ImageSource
@@ -179,12 +181,12 @@ def _parse_attributes(
     A wrong header or count line makes the whole file suspect: that is an error. A single
     malformed row only loses its image: it is rejected, counted and listed.
     """
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet may add a BOM
         lines = list(csv.reader(f)) if csv_format else [line.split() for line in f]
     if csv_format:  # Kaggle: a header row "image_id,5_o_Clock_Shadow,...", no count line
         count, first_row, expected = None, 1, ["image_id", *ATTRIBUTE_NAMES]
     else:  # the release: the count on line 1, the 40 names on line 2
-        count, first_row, expected = _read_count(path, lines[0] if lines else []), 2, ATTRIBUTE_NAMES
+        count, first_row, expected = _read_count(path, lines[0] if lines else []), 2, list(ATTRIBUTE_NAMES)
     _check_header(path, first_row, lines[first_row - 1] if len(lines) >= first_row else [], expected)
 
     rows: list[tuple[str, list[str]]] = []

@@ -79,10 +79,9 @@ def square_image(data: bytes, crop: int, size: int) -> tuple[np.ndarray, str | N
     JPEGs are decoded by libjpeg-turbo at the smallest DCT scale (n/8) that keeps the crop at
     least `size` wide: the scaled inverse DCT drops frequencies the final size cannot hold
     anyway, and an antialiased bicubic resize of the exact (fractional) crop box finishes the
-    job, for ~60% of the CPU time of a full decode and Lanczos resize. The two differ by ~38 dB
-    PSNR on the synthetic faces, as much as a full decode with bilinear instead of Lanczos
-    resizing does (37.5 dB), and a crop misplaced by one source pixel would (26 dB): see
-    tests/data/test_shards.py.
+    job, for ~40% of the CPU time of a full decode and Lanczos resize. On the synthetic faces
+    the two agree to ~38 dB PSNR, about as well as a full decode resized bilinear instead of
+    Lanczos does (37.5 dB); a crop one source pixel off scores 26 dB (tests/data/test_shards.py).
     """
     if data[:2] != b"\xff\xd8":
         return _square_with_pil(data, crop, size, "{format} data under a .jpg name, decoded")
@@ -186,6 +185,24 @@ class _Written:
     train_histogram: np.ndarray  # int64 [3, 256]
 
 
+@dataclass
+class _ShardTask:
+    file: str  # relative to the output, e.g. "train/celeba64-000003.tar"
+    names: list[str]  # image file names, in the order they are written
+    attrs: np.ndarray  # bool [len(names), 40]
+    with_histogram: bool  # only the train images' pixel statistics are wanted (stats.json mean/std)
+
+
+@dataclass
+class _ShardResult:
+    kept: list[int]  # positions in the task of the images written
+    rejected: list[tuple[str, str]]  # (name, reason)
+    converted: list[tuple[str, str]]  # (name, note)
+    bytes: int
+    sha256: str
+    histogram: np.ndarray | None  # int64 [3, 256]: per channel, the kept pixels' value counts
+
+
 def _write_splits(root: Path, celeba: CelebA, splits: dict[str, list[str]], data: DataParams) -> _Written:
     """Write every split's shards in parallel, one shard per task; gather what was kept."""
     tasks = _shard_tasks(root, celeba, splits, data.shard_size)
@@ -264,24 +281,6 @@ def _stats(data: DataParams, celeba: CelebA, written: _Written, assigned: dict[s
     }
 
 
-@dataclass
-class _ShardTask:
-    file: str  # relative to the output, e.g. "train/celeba64-000003.tar"
-    names: list[str]  # image file names, in the order they are written
-    attrs: np.ndarray  # bool [len(names), 40]
-    with_histogram: bool  # only the train images' pixel statistics are wanted (stats.json mean/std)
-
-
-@dataclass
-class _ShardResult:
-    kept: list[int]  # positions in the task of the images written
-    rejected: list[tuple[str, str]]  # (name, reason)
-    converted: list[tuple[str, str]]  # (name, note)
-    bytes: int
-    sha256: str
-    histogram: np.ndarray | None  # int64 [3, 256]: per channel, the kept pixels' value counts
-
-
 _worker: dict = {}
 
 
@@ -312,7 +311,7 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
     histogram = None
     if task.with_histogram:
         stacked = np.stack(pixels_kept) if pixels_kept else np.zeros((0, size, size, 3), np.uint8)
-        # Histograms, not sums: bincount is ~2x faster than an int64 reduction, and as exact.
+        # Histograms, not sums: bincount is several times faster than an int64 sum, as exact.
         histogram = np.stack([np.bincount(stacked[..., c].ravel(), minlength=256) for c in range(3)])
     sha256 = hashlib.sha256()
     with open(path, "rb") as f:

@@ -113,6 +113,7 @@ def write_sample(out: str | Path, n: int, layout: str = "official", seed: int = 
 
 def sample_attributes(n: int, rng: np.random.Generator) -> np.ndarray:
     """int8 [n, 40] of -1/1 in ATTRIBUTE_NAMES order."""
+
     def u() -> np.ndarray:  # a fresh uniform draw per attribute
         return rng.random(n)
 

@@ -96,7 +96,6 @@ class ShardBatches:
             num_workers=self.train.loader_workers,
             seed=seed,
             image_range=image_range,
-            pin_memory=torch.cuda.is_available(),
         )
         return _LoaderEpochs(loader)
 

@@ -1,10 +1,9 @@
-"""What a search leaves behind: the winner as params, the trials as a table, a plot, metrics.
+"""What a search leaves behind: the winner as params, the trials as a table, a plot.
 
     tuned/vae.yaml          the best trial's drawn values, params-shaped; `load_tuned` reads it
                             back as `-S` overrides (train@vae trains the final model with them)
     plots/tune/vae.csv      one row per trial: status, last step, objective, the drawn values
     plots/tune/vae.png      the objective against one drawn value, coloured by another
-    metrics/tune/vae.json   the best objective and the trial counts
 
 Light on purpose (no Ray): training reads the winner without loading the search machinery.
 """
@@ -135,13 +134,6 @@ def write_table(result: SearchResult, path: Path) -> None:
     for row in result.trials:
         writer.writerow({k: "" if v is None else json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
     _write(Path(path), out.getvalue())
-
-
-def write_metrics(result: SearchResult, path: Path) -> None:
-    counts = result.counts()
-    metrics = {"metric": result.metric, "best": result.best["objective"], "best_step": result.best["step"],
-               "trials": len(result.trials), **counts}
-    _write(Path(path), json.dumps(metrics, indent=2) + "\n")
 
 
 def plot_search(result: SearchResult, path: Path) -> None:

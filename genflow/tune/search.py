@@ -28,10 +28,11 @@ from typing import Any
 import mlflow
 import ray
 import ray.cloudpickle
+import ray.train
 import ray.tune
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -110,6 +111,10 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     params = trial_params(setup.base, setup.family, config)  # a bad combination fails this trial alone
     _log_params(client, run_id, flatten({"model": params.family_config(setup.family), "train": params.train,
                                          "data": params.data}))
+    finished = finished_train_run(Path(setup.train_storage) / trial_id, params.train.max_steps)
+    if finished is not None:
+        ray.tune.report(finished)
+        return
     trainer = torch_trainer(
         setup.family, params, name=trial_id, storage=Path(setup.train_storage),
         tracking_uri=setup.runs.tracking_uri, mlflow_run_id=run_id,
@@ -120,6 +125,23 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     failure = with_retries(lambda: client.get_run(run_id)).data.tags.get(tracking.FAILURE_TAG)
     if failure:
         raise NonFiniteLossError(f"{failure}; lower train.lr or set train.grad_clip")
+
+
+def finished_train_run(path: Path, max_steps: int) -> dict[str, Any] | None:
+    """The last report of a trial's Train run that already reached max_steps, else None.
+
+    A search interrupted after a trial's last checkpoint but before Tune received it restarts that
+    trial: its Train run resumes at max_steps and reports nothing, so Tune gets the report from here.
+    """
+    if not path.exists():
+        return None
+    try:
+        previous = ray.train.Result.from_path(str(path))
+    except RuntimeError:  # the run reported no checkpoint yet
+        return None
+    if previous.checkpoint is None or previous.metrics.get("step", 0) < max_steps:
+        return None
+    return {**previous.metrics, CHECKPOINT_PATH_KEY: previous.checkpoint.path}
 
 
 class TrialRuns(ray.tune.Callback):
@@ -175,6 +197,11 @@ class SearchResult:
         statuses = [row["status"] for row in self.trials]
         return {status: statuses.count(status) for status in ("completed", "stopped", "failed")}
 
+    def metrics(self) -> dict[str, Any]:
+        """The search's summary as DVC metrics (metrics/tune/FAMILY.json)."""
+        return {"metric": self.metric, "best": self.best["objective"], "best_step": self.best["step"],
+                "best_trial": self.best["trial"], "trials": len(self.trials), **self.counts()}
+
     def __str__(self) -> str:
         counts = self.counts()
         lines = [
@@ -220,7 +247,7 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
         setup = TrialSetup(family, base, runs, str(storage / name / "train"), batch_source)
         tuner = _tuner(settings, params, setup, storage / name)
         grid = tuner.fit()
-        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        unfinished = unfinished_trials(grid.experiment_path, settings)
         if unfinished:
             status = "KILLED"
             raise SearchInterrupted(f"{family} search {name} was interrupted with {unfinished} trials unfinished; "
@@ -257,6 +284,14 @@ def _tuner(settings: SearchSettings, params: Params, setup: TrialSetup, path: Pa
             callbacks=[TrialRuns(setup.runs, settings.metric, params.train.max_steps)],
         ),
     )
+
+
+def unfinished_trials(path: str, settings: SearchSettings) -> int:
+    """Trials an interrupted search has left to run, as its saved state says. (After Ctrl+C Tune saves
+    the state, then stops the running trials and marks them terminated in memory, not on disk.)"""
+    trials = ray.tune.ExperimentAnalysis(path).trials
+    ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+    return settings.trials - ended
 
 
 def trial_slots(params: Params, settings: SearchSettings) -> int:

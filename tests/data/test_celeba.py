@@ -18,7 +18,7 @@ def layouts(tmp_path_factory):
 
 def test_attribute_names_are_celebas():
     assert len(ATTRIBUTE_NAMES) == 40
-    assert ATTRIBUTE_NAMES[:3] == ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive"]
+    assert ATTRIBUTE_NAMES[:3] == ("5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive")
     assert ATTRIBUTE_NAMES[20] == "Male" and ATTRIBUTE_NAMES[31] == "Smiling" and ATTRIBUTE_NAMES[-1] == "Young"
 
 

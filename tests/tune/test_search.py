@@ -67,7 +67,8 @@ def runs_of(root: Path):
 @pytest.fixture(scope="module")
 def four_trials(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("four")
-    params = search_params(root, points_to_evaluate=[CRASHING])
+    # With this seed TPE draws 8 groups for the three trials after the crashing point (Optuna 5).
+    params = search_params(root, seed=6, points_to_evaluate=[CRASHING])
     start = time.perf_counter()
     result = tune("vae", params, batch_source=batches(), dataset_digest="tiny")
     print(f"\n4-trial search: {time.perf_counter() - start:.1f} s wall")
@@ -86,9 +87,10 @@ def test_four_trials_run_two_at_a_time_and_a_crash_does_not_end_the_search(four_
     assert all(row["step"] == MAX_STEPS and row["objective"] > 0 for row in finished)
     assert f"{len(failed)} failed" in str(result)
 
-    # Trials overlapped, never more than max_concurrent: their child runs' lifetimes.
+    # Trials trained at the same time, never more than max_concurrent: their child runs' lifetimes.
     _, _, children = runs_of(root)
-    events = sorted([(r.info.start_time, 1) for r in children] + [(r.info.end_time, -1) for r in children])
+    trained = [r for r in children if r.info.status == "FINISHED"]
+    events = sorted([(r.info.start_time, 1) for r in trained] + [(r.info.end_time, -1) for r in trained])
     running, most = 0, 0
     for _, change in events:
         running += change
@@ -178,6 +180,10 @@ def test_an_interrupted_search_resumes_where_it_stopped(ray_local, tmp_path):
     client, parents, children = runs_of(tmp_path)
     assert [p.info.run_id for p in parents] == [result.mlflow_run_id]
     assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
-    # Resumed trials went on in their own child runs: one run per trial, the finished ones untouched.
+    # Resumed trials went on in their own child runs: one run per trial, the finished ones untouched,
+    # and a trial interrupted mid-run resumed from its last Train checkpoint, not from step 0.
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert done_before <= {c.info.run_id for c in children}
+    for child in children:
+        starts = [int(m.value) for m in client.get_metric_history(child.info.run_id, "train/start_step")]
+        assert starts[0] == 0 and all(s > 0 and s % 5 == 0 for s in starts[1:]), starts

@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from genflow.config import ParamsError, load_params
-from genflow.tune.report import load_tuned, plot_axes, plot_search, write_metrics, write_table, write_tuned
+from genflow.tune.report import load_tuned, plot_axes, plot_search, write_table, write_tuned
 from genflow.tune.search import SearchResult
 from genflow.tune.space import SearchSpace, search_settings, trial_base, trial_params
 
@@ -132,10 +132,8 @@ def test_table_metrics_and_plot(tmp_path):
     assert [r["trial"] for r in rows] == ["a", "b", "c"]
     assert rows[2]["objective"] == "" and rows[0]["kl_weight"] == "0.0001"
     assert rows[1]["hidden_channels"] == "[16, 16, 32, 32]"
-    write_metrics(result, tmp_path / "vae.json")
-    metrics = json.loads((tmp_path / "vae.json").read_text())
-    assert metrics == {"metric": "loss", "best": 0.08, "best_step": 20, "trials": 3, "completed": 1, "stopped": 1,
-                       "failed": 1}
+    assert result.metrics() == {"metric": "loss", "best": 0.08, "best_step": 20, "best_trial": "a", "trials": 3,
+                                "completed": 1, "stopped": 1, "failed": 1}
     plot_search(result, tmp_path / "vae.png")
     assert (tmp_path / "vae.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "1 completed, 1 stopped early by ASHA, 1 failed" in str(result)
