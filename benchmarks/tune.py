@@ -1,6 +1,6 @@
 """How the search spends its time, and what concurrent trials cost the MLflow store.
 
-    python benchmarks/tune.py                 (about 3-5 minutes on 2 CPUs)
+    python benchmarks/tune.py [stores] [searches]      (both by default; minutes on 2 CPUs)
 
 1. The 4-trial search of tests/tune (tiny VAE, 20 steps, in-memory data) with trials one at a
    time and two at a time: wall times, their ratio, and the share of Ray's start-up.
@@ -150,5 +150,8 @@ def time_stores() -> None:
 
 
 if __name__ == "__main__":
-    time_stores()
-    time_searches()
+    parts = sys.argv[1:] or ["stores", "searches"]
+    if "stores" in parts:
+        time_stores()
+    if "searches" in parts:
+        time_searches()

@@ -91,11 +91,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from genflow.tune.search import tune
+    from genflow.tune.search import SearchInterrupted, tune
 
     extra = [f"tune.{args.family}.trials={args.trials}"] if args.trials is not None else []
-    best = tune(args.family, _params(args, extra))
-    print(f"best trial: {best}")
+    try:
+        result = tune(args.family, _params(args, extra))
+    except SearchInterrupted as interrupted:
+        print(f"genflow: {interrupted}", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(result)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:

@@ -68,6 +68,7 @@ class TrainParams(StrictModel):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 turns clipping off")
     checkpoint_every: int = Field(100, ge=1)
+    validation_batches: int = Field(2, ge=0, description="test batches scored at each checkpoint (val/*); 0 = none")
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=0)
     seed: int = 0

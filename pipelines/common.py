@@ -10,9 +10,10 @@ import genflow  # noqa: F401  (telemetry off)
 from genflow.config import Params, load_params
 
 
-def stage_params() -> Params:
-    """params.yaml as DVC sees it (DVC passes -S overrides by rewriting params.yaml)."""
-    return load_params("params.yaml")
+def stage_params(overrides: list[str] | None = None) -> Params:
+    """params.yaml as DVC sees it (DVC passes -S overrides by rewriting params.yaml), with
+    `overrides` on top (train@FAMILY: the winner of tune@FAMILY)."""
+    return load_params("params.yaml", overrides)
 
 
 def write_json(path: str, content: dict) -> None:

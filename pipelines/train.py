@@ -11,6 +11,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from genflow.train.trainer import train
+from genflow.tune.report import load_tuned
 from pipelines.common import stage_params, write_json
 
 
@@ -31,7 +32,8 @@ def write_curves(run_id: str, path: Path) -> None:
 
 
 def main(family: str) -> None:
-    result = train(family, stage_params())
+    # tune@FAMILY's winner (tuned/FAMILY.yaml) over params.yaml: dvc repro trains the final model with it.
+    result = train(family, stage_params(load_tuned(family)))
     write_json(f"metrics/train/{family}.json", {"run_id": result.mlflow_run_id, "ray_run": result.ray_run_name,
                                                  **{k: v for k, v in result.metrics.items()}})
     write_curves(result.mlflow_run_id, Path(f"plots/train/{family}.csv"))

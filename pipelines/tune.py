@@ -13,17 +13,18 @@ import sys
 from pathlib import Path
 
 from genflow.tune import report
-from genflow.tune.search import tune
+from genflow.tune.search import SearchResult, tune
 from pipelines.common import stage_params, write_json
 
 
-def main(family: str) -> None:
+def main(family: str) -> SearchResult:
     result = tune(family, stage_params())
     report.write_tuned(result, Path(f"tuned/{family}.yaml"))
     report.write_table(result, Path(f"plots/tune/{family}.csv"))
     report.plot_search(result, Path(f"plots/tune/{family}.png"))
     write_json(f"metrics/tune/{family}.json", result.metrics())
     print(result)
+    return result
 
 
 if __name__ == "__main__":

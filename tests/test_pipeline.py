@@ -20,6 +20,12 @@ def run(command: list[str], cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
+def mlflow_params(project: Path, run_id: str) -> dict:
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(run_id).data.params
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git repo holding the project's files as they are now (committed or not)."""
@@ -37,6 +43,7 @@ def project(tmp_path_factory):
     params["train"].update(max_steps=6, checkpoint_every=3, batch_size=8, log_every=1)
     params["models"]["vae"].update(hidden_channels=[8, 16, 32, 32], latent_dim=8, norm_groups=4)
     params["evaluate"].update(batches=2, batch_size=16, sample_n=4)
+    params["tune"]["vae"].update(trials=2, grace_period=3, max_concurrent=1)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], copy)
     run(["git", "-c", "user.email=ci@genflow", "-c", "user.name=ci", "commit", "-qam", "x", "--allow-empty"], copy)
@@ -47,13 +54,17 @@ def project(tmp_path_factory):
 
 def test_dvc_repro_runs_every_stage_and_registers_a_candidate(project):
     output = run(["dvc", "repro"], project)
-    for stage in ("synth", "prepare", "train@vae", "evaluate@vae", "register@vae"):
+    for stage in ("synth", "prepare", "tune@vae", "train@vae", "evaluate@vae", "register@vae"):
         assert f"Running stage '{stage}'" in output
     assert "NOT CelebA" in output  # prepare says loudly that the sample is synthetic
     stats = json.loads((project / "data/shards/stats.json").read_text())
     assert stats["counts"]["train"] == 84 and stats["counts"]["test"] == 36
     evaluation = json.loads((project / "metrics/evaluate/vae.json").read_text())
     assert evaluation["bits_per_dim"] > 0 and evaluation["images"] == 32
+    tuned = yaml.safe_load((project / "tuned/vae.yaml").read_text())
+    assert tuned["models"]["vae"]["kl"]["kind"] in {"constant", "linear", "cyclical", "capacity"}
+    trained_with = mlflow_params(project, json.loads((project / "metrics/train/vae.json").read_text())["run_id"])
+    assert trained_with["model.kl.kind"] == tuned["models"]["vae"]["kl"]["kind"]  # train@vae used the winner
     registered = json.loads((project / "metrics/register/vae.json").read_text())
     assert registered == {"alias": "candidate", "model": "celeba64-vae", "version": 1}
     curves = (project / "plots/train/vae.csv").read_text().splitlines()

@@ -8,6 +8,7 @@ after a worker failure or when a run of the same name is started again.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import tempfile
@@ -178,6 +179,8 @@ def train_worker(config: dict[str, Any]) -> None:
     make_source: BatchSource = config["batch_source"] or ShardBatches(config["shards"], train)
     source = make_source(rank, world_size, train.seed, model.image_range)
     steps_per_epoch = source.batches_per_epoch
+    # Rank 0 scores the checkpoints (its report is the one Ray Tune receives).
+    held_out = held_out_batches(config, train, model.image_range) if rank == 0 else []
     batches = batches_from(source, step)
     params_to_clip = [p for p in model.parameters() if p.requires_grad]
     window_start, window_steps = time.perf_counter(), 0
@@ -224,7 +227,10 @@ def train_worker(config: dict[str, Any]) -> None:
         if logger and (step % steps_per_epoch == 0 or step == train.max_steps):
             log_grids(logger, model, batch, step, train.seed)
         if step % train.checkpoint_every == 0 or step == train.max_steps:
-            report_checkpoint(family, model, optimizers, schedulers, step, rank, float(losses["loss"]))
+            validation = validation_metrics(model, held_out, device, train.seed)
+            if logger and validation:
+                logger.log_metrics(validation, step)
+            report_checkpoint(family, model, optimizers, schedulers, step, rank, {"loss": float(losses["loss"]), **validation})
 
 
 def log_grids(logger: RankZeroLogger, model: GenerativeModel, batch: Batch, step: int, seed: int) -> None:
@@ -245,9 +251,44 @@ def log_grids(logger: RankZeroLogger, model: GenerativeModel, batch: Batch, step
     model.train(was_training)
 
 
-def report_checkpoint(family, model, optimizers, schedulers, step: int, rank: int, loss: float) -> None:
+def held_out_batches(config: dict[str, Any], train: TrainParams, image_range: tuple[float, float]) -> list:
+    """The first `train.validation_batches` batches of the test split (of config["validation_source"]
+    in benchmarks and tests), the same ones at every checkpoint."""
+    if not train.validation_batches:
+        return []
+    if config.get("validation_source") is not None:
+        epochs = config["validation_source"](0, 1, train.seed, image_range)
+        return list(itertools.islice(epochs.epoch(0), train.validation_batches))
+    if config.get("batch_source") is not None:
+        return []  # in-memory training data and no held-out source: nothing to score
+    from genflow.data.loader import eval_loader
+
+    return list(eval_loader(config["shards"], batch_size=train.batch_size, image_range=image_range,
+                            limit_batches=train.validation_batches))
+
+
+@torch.no_grad()
+def validation_metrics(model: GenerativeModel, batches: list, device: torch.device, seed: int) -> dict[str, float]:
+    """`model.evaluate` averaged over held-out batches, as val/NAME: what a search compares across
+    trials (the training loss is not comparable across, e.g., KL weights). Its noise comes from a
+    fixed seed, apart from training's random stream, so every checkpoint is scored alike."""
+    if not batches:
+        return {}
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for images, attrs in batches:
+            for name, value in model.evaluate(Batch(images.to(device), attrs.to(device))).items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+    model.train(was_training)
+    return {f"val/{name}": total / len(batches) for name, total in totals.items()}
+
+
+def report_checkpoint(family, model, optimizers, schedulers, step: int, rank: int, metrics: dict[str, float]) -> None:
     # Every rank reports (a barrier, and the same number of calls on every rank, as Ray requires);
     # each writes its part, Ray merges the directories.
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(directory, family=family, model=model, optimizers=optimizers, schedulers=schedulers, step=step, rank=rank)
-        ray.train.report({"step": step, "loss": loss}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,29 @@ def ensure_ray(ray_params: RayParams) -> None:
     if ray.is_initialized():
         return
     address = ray_params.address or os.environ.get("RAY_ADDRESS") or None
+    env = dict(TELEMETRY_OFF)
+    if address is None:
+        # A local Ray: fix its GCS port and tell every worker where it is. Ray's state API, which
+        # Train V2's placement-group cleaner calls from a worker, otherwise looks for the cluster
+        # among the machine's processes and fails when another local Ray runs there: the placement
+        # group of a trial that Tune stops (ASHA, Ctrl+C) is then never released.
+        port = _free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
     try:
         # The dashboard stays on: Ray Train's controller watches its actors through the state API.
-        ray.init(address=address, runtime_env={"env_vars": dict(TELEMETRY_OFF)}, logging_level="WARNING")
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
     except ConnectionError as err:
         raise ConnectionError(f"cannot reach the Ray cluster at {address} ({err}); check ray.address / RAY_ADDRESS, "
                               "or leave it empty to start Ray locally") from None
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def train(family: str, params: Params, batch_source: BatchSource | None = None, dataset_digest: str | None = None) -> TrainResult:
@@ -112,7 +130,8 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
 
 
 def torch_trainer(family: str, params: Params, *, name: str, storage: Path, tracking_uri: str, mlflow_run_id: str,
-                  batch_source: BatchSource | None = None, callbacks: list | None = None) -> TorchTrainer:
+                  batch_source: BatchSource | None = None, validation_source: BatchSource | None = None,
+                  callbacks: list | None = None) -> TorchTrainer:
     """The Ray Train TorchTrainer of one run (used by `train` and by each Tune trial)."""
     return TorchTrainer(
         train_worker,
@@ -123,6 +142,7 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: Path, trac
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "batch_source": batch_source,
+            "validation_source": validation_source,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=params.train.workers,

@@ -38,8 +38,10 @@ def column(key: str, family: str) -> str:
     return key.removeprefix(f"models.{family}.").replace(".", "_")
 
 
-def trial_rows(grid, family: str, settings: SearchSettings, max_steps: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """One row per trial of a Tune ResultGrid, and the failed trials' errors."""
+def trial_rows(grid, family: str, settings: SearchSettings,
+               max_steps: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One row per trial of a Tune ResultGrid, in the order they were proposed, and the errors of
+    the failed ones."""
     rows, errors = [], {}
     for result in grid:
         trial = result.metrics["trial_id"]  # Tune sets it even for a trial that never reported
@@ -54,7 +56,6 @@ def trial_rows(grid, family: str, settings: SearchSettings, max_steps: int) -> t
             "trial": trial, "status": status, "step": step, "objective": objective,
             **{column(key, family): result.config.get(key) for key in settings.space},
         })
-    rows.sort(key=lambda row: row["trial"])
     return rows, errors
 
 

@@ -49,6 +49,7 @@ SEARCH_TAG = "genflow.tune.search"
 TRIAL_TAG = "genflow.tune.trial"
 STOPPED_EARLY_TAG = "genflow.tune.stopped_early"
 ERROR_TAG = "genflow.tune.error"
+OVERRIDES_TAG = "genflow.tune.overrides"  # the trial's drawn values, as -S overrides
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs
 
 # What a trial's Tune actor reserves. It only drives its Train run, whose workers reserve their
@@ -88,8 +89,10 @@ class SearchRuns:
         ))
         if found:
             return found[0]
-        tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, tracking.FAMILY_TAG: self.family, "genflow.tune.overrides": " ".join(overrides(config))}
-        return with_retries(lambda: client.create_run(self.experiment_id, run_name=f"{self.search}/{trial_id}", tags=tags))
+        tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, tracking.FAMILY_TAG: self.family,
+                OVERRIDES_TAG: " ".join(overrides(config))}
+        return with_retries(lambda: client.create_run(self.experiment_id, run_name=f"{self.search}/{trial_id}",
+                                                      tags=tags))
 
 
 @dataclass(frozen=True)
@@ -237,10 +240,10 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
     storage = Path(params.train.storage_path).resolve()
 
     experiment_id = tracking.configure(params.tracking)
-    runs = SearchRuns(mlflow.get_tracking_uri(), experiment_id, parent_run(experiment_id, family, name, params, settings),
-                      family, name)
+    parent_run_id = parent_run(experiment_id, family, name, params, settings)
+    runs = SearchRuns(mlflow.get_tracking_uri(), experiment_id, parent_run_id, family, name)
     client = runs.client()
-    status = "FAILED"
+    status = "FAILED"  # unless the search ends, or is interrupted
     try:
         ensure_ray(params.ray)
         # A trial's Train run lives beside Tune's trial state, so that a restored trial resumes from it.
@@ -249,13 +252,15 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
         grid = tuner.fit()
         unfinished = unfinished_trials(grid.experiment_path, settings)
         if unfinished:
-            status = "KILLED"
             raise SearchInterrupted(f"{family} search {name} was interrupted with {unfinished} trials unfinished; "
                                     f"run the same command again to resume it from {storage / name}")
         result = summarize(grid, family, name, runs.parent_run_id, settings, params.train.max_steps)
         log_search(client, result)
         status = "FINISHED"
         return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         with_retries(lambda: client.set_terminated(runs.parent_run_id, status))
 
@@ -273,7 +278,7 @@ def _tuner(settings: SearchSettings, params: Params, setup: TrialSetup, path: Pa
             metric=settings.metric,
             mode=settings.mode,
             num_samples=settings.trials,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent or trial_slots(params, settings)),
+            search_alg=ConcurrencyLimiter(searcher, settings.max_concurrent or trial_slots(params, settings)),
             scheduler=ASHAScheduler(time_attr="step", max_t=params.train.max_steps,
                                     grace_period=settings.grace_period, reduction_factor=settings.reduction_factor),
         ),
@@ -345,15 +350,27 @@ def _log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> No
         with_retries(lambda: client.log_batch(run_id, params=batch[start : start + 100]))
 
 
-def summarize(grid, family: str, name: str, parent_run_id: str, settings: SearchSettings, max_steps: int) -> SearchResult:
+def summarize(grid, family: str, name: str, parent_run_id: str, settings: SearchSettings,
+              max_steps: int) -> SearchResult:
     rows, errors = report.trial_rows(grid, family, settings, max_steps)
     if all(row["objective"] is None for row in rows):
         raise RuntimeError(f"all {len(rows)} trials of the {family} search {name} failed:\n"
                            + "\n".join(f"  {trial}: {error}" for trial, error in errors.items()))
-    best_result = grid.get_best_result(settings.metric, settings.mode)
+    best_result = best_of(grid, settings, max_steps)
     best = next(row for row in rows if row["trial"] == best_result.metrics["trial_id"])
     return SearchResult(family, name, grid.experiment_path, parent_run_id, settings.metric, settings.mode, max_steps,
                         rows, best, dict(best_result.config), errors, report.plot_axes(settings, family))
+
+
+def best_of(grid, settings: SearchSettings, max_steps: int):
+    """The winning trial's Result: the best last objective among the trials that ran the whole
+    budget (a trial ASHA stopped reports from an earlier step: not comparable), else among all."""
+    full = [r for r in grid if r.error is None and r.metrics.get("step", 0) >= max_steps
+            and math.isfinite(r.metrics.get(settings.metric, math.nan))]
+    if not full:
+        return grid.get_best_result(settings.metric, settings.mode)
+    pick = min if settings.mode == "min" else max
+    return pick(full, key=lambda result: result.metrics[settings.metric])
 
 
 def log_search(client: MlflowClient, result: SearchResult) -> None:

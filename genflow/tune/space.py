@@ -11,9 +11,9 @@
           models.vae.kl.warmup_steps: {int: [50, 300], when: {models.vae.kl.kind: linear}}
 
 Distributions: `uniform`, `loguniform` (floats), `int`, `logint` (integers, bounds included) and
-`choice` (any YAML values, lists too). `when` makes a key conditional on earlier `choice` keys:
-it is sampled only in trials where each named key took one of the listed values, so each KL
-schedule draws only its own params (Optuna's define-by-run). A trial's config is
+`choice` (any YAML values, lists too). `when` makes a key conditional on `choice` keys: it is
+drawn, after them, only in trials where each named key took one of the listed values, so each
+KL schedule draws only its own params (Optuna's define-by-run). A trial's config is
 `{dotted key: value}`; applied to params as `-S` overrides it gives the trial's params.
 """
 
@@ -39,7 +39,7 @@ class Distribution(StrictModel):
     int: tuple[builtins.int, builtins.int] | None = None
     logint: tuple[builtins.int, builtins.int] | None = None
     choice: list[Any] | None = None
-    # {earlier choice key: value or [values]}: sample this key only when all of them hold.
+    # {choice key: value or [values]}: draw this key only in trials where all of them hold.
     when: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -72,7 +72,9 @@ class Distribution(StrictModel):
             return value in self.choice
         low, high = getattr(self, self.kind)
         integral = self.kind in ("int", "logint")
-        return isinstance(value, (builtins.int, float)) and (not integral or value == round(value)) and low <= value <= high
+        if not isinstance(value, (builtins.int, float)) or (integral and value != round(value)):
+            return False
+        return low <= value <= high
 
     def applies(self, drawn: dict[str, Any]) -> bool:
         return all(drawn.get(key, _ABSENT) in _as_list(allowed) for key, allowed in self.when.items())
@@ -119,16 +121,16 @@ class SearchSettings(StrictModel):
 
     @field_validator("space")
     @classmethod
-    def _conditions_come_first(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
-        seen: list[str] = []
+    def _conditions_are_choices(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
         for key, distribution in space.items():
             for condition, allowed in distribution.when.items():
-                if condition not in seen or space[condition].choice is None:
-                    raise ValueError(f"{key}: `when` names {condition}, which must be a choice key listed above it")
+                if condition not in space or space[condition].choice is None:
+                    raise ValueError(f"{key}: `when` names {condition}, which must be a choice key of the space")
                 strays = [v for v in _as_list(allowed) if v not in space[condition].choice]
                 if strays:
-                    raise ValueError(f"{key}: `when` waits for {condition} = {strays[0]!r}, which is not one of its choices")
-            seen.append(key)
+                    raise ValueError(f"{key}: `when` waits for {condition} = {strays[0]!r}, "
+                                     "which is not one of its choices")
+        draw_order(space)
         return space
 
     @model_validator(mode="after")
@@ -147,18 +149,32 @@ class SearchSettings(StrictModel):
         return self
 
 
+def draw_order(space: dict[str, Distribution]) -> list[str]:
+    """The keys in the order they are drawn: each after the keys its `when` names (else as listed)."""
+    order: list[str] = []
+    pending = list(space)
+    while pending:
+        ready = [key for key in pending if all(condition in order for condition in space[key].when)]
+        if not ready:
+            raise ValueError(f"the `when` conditions of {', '.join(pending)} wait for each other")
+        order += ready
+        pending = [key for key in pending if key not in ready]
+    return order
+
+
 class SearchSpace:
     """The define-by-run function OptunaSearch calls once per trial (a class, so that Tune can
     pickle it with the searcher's state and restore an interrupted search)."""
 
     def __init__(self, space: dict[str, Distribution]):
         self.space = space
+        self.order = draw_order(space)
 
     def __call__(self, trial) -> dict[str, Any]:
         drawn: dict[str, Any] = {}
-        for key, distribution in self.space.items():
-            if distribution.applies(drawn):
-                drawn[key] = distribution.suggest(trial, key)
+        for key in self.order:
+            if self.space[key].applies(drawn):
+                drawn[key] = self.space[key].suggest(trial, key)
         return drawn
 
 
@@ -218,8 +234,8 @@ def _field_errors(base: dict[str, Any], family: str, key: str, value: Any) -> li
         except ValidationError as err:
             # Built-in constraints (types, bounds, literals) hold whatever the other keys are; a
             # custom validator's "value_error" may be about a combination: that is the trial's to find.
-            errors = [e["msg"] for e in err.errors()
-                      if prefix + ".".join(map(str, e["loc"])) == key and e["type"] not in ("value_error", "assertion_error")]
+            errors = [e["msg"] for e in err.errors() if prefix + ".".join(map(str, e["loc"])) == key
+                      and e["type"] not in ("value_error", "assertion_error")]
             if errors:
                 return errors
     return []

@@ -1,8 +1,10 @@
-"""The search end to end on CPU with in-memory data: four trials two at a time, one of which
-crashes; the exported winner; the MLflow parent and child runs; ASHA stopping a weak trial; an
-interrupted search resumed. One Ray for the session (conftest's ray_local); each search has its
-own MLflow store and Ray storage."""
+"""The search end to end on CPU: the DVC stage (pipelines/tune.py) on real shards of a small
+CelebA-format sample, four trials two at a time, one of which crashes; its outputs, the winner,
+the MLflow parent and child runs; ASHA stopping a weak trial and an interrupted search resumed
+(on in-memory data). One Ray for the session (conftest's ray_local); each search has its own
+MLflow store and Ray storage."""
 
+import csv
 import json
 import os
 import signal
@@ -14,11 +16,16 @@ import mlflow
 import pytest
 import ray.tune
 import torch
+import yaml
 
 from genflow.config import load_params
+from genflow.data.shards import prepare
+from genflow.data.synth import write_sample
 from genflow.train.loop import InMemoryBatches
-from genflow.tune.report import load_tuned, write_tuned
+from genflow.tune.report import load_tuned
 from genflow.tune.search import ERROR_TAG, PARENT_TAG, SEARCH_TAG, STOPPED_EARLY_TAG, SearchInterrupted, run_trial, tune
+
+from pipelines.tune import main as tune_stage  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -35,18 +42,37 @@ SPACE = {
     "models.vae.norm_groups": {"choice": [8, 16]},
 }
 CRASHING = {"train.lr": 1e-3, KIND: "constant", "models.vae.kl.weight": 1e-4, "models.vae.norm_groups": 16}
+# The four trials of the stage's search, one per KL schedule, so that the outcome is known: the
+# searcher proposes these points first (TPE's own draws are tested in test_space.py).
+POINTS = [
+    CRASHING,
+    {"train.lr": 2e-3, KIND: "linear", "models.vae.kl.weight": 1e-3, "models.vae.kl.warmup_steps": 10,
+     "models.vae.norm_groups": 8},
+    {"train.lr": 1e-3, KIND: "cyclical", "models.vae.kl.weight": 3e-4, "models.vae.kl.cycle_steps": 10,
+     "models.vae.norm_groups": 8},
+    {"train.lr": 5e-4, KIND: "capacity", "models.vae.kl.capacity_steps": 10, "models.vae.norm_groups": 8},
+]
+
+
+def tiny(root: Path, **settings) -> dict:
+    """params.yaml's content for a tiny VAE and a small search. grace_period = max_steps: ASHA
+    stops nobody unless a test asks it to."""
+    search = {"trials": 4, "max_concurrent": 2, "grace_period": MAX_STEPS, "seed": 0, "space": SPACE,
+              "plot_x": "models.vae.kl.weight", "plot_color": KIND, **settings}
+    return {
+        "data": {"sample": {"dir": f"{root}/sample", "n": 120}, "shards": f"{root}/shards", "shard_size": 50,
+                 "processes": 1},
+        "train": {"batch_size": 8, "log_every": 5, "max_failures": 0, "max_steps": MAX_STEPS, "checkpoint_every": 5,
+                  "loader_workers": 0, "storage_path": f"{root}/ray"},
+        "tracking": {"uri": f"sqlite:///{root}/mlflow.db"},
+        "models": {"vae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 8}},
+        "tune": {"vae": search},
+    }
 
 
 def search_params(root: Path, **settings):
-    # grace_period = max_steps: ASHA stops nobody unless a test asks it to.
-    section = {"trials": 4, "max_concurrent": 2, "grace_period": MAX_STEPS, "seed": 0, "space": SPACE, **settings}
-    return load_params(root / "none.yaml", [
-        "models.vae.hidden_channels=[8,16,32,32]", "models.vae.latent_dim=8", "models.vae.norm_groups=8",
-        f"tracking.uri=sqlite:///{root}/mlflow.db", f"train.storage_path={root}/ray",
-        "train.batch_size=8", "train.log_every=5", "train.max_failures=0",
-        f"train.max_steps={MAX_STEPS}", "train.checkpoint_every=5",
-        "tune.vae=" + json.dumps(section),
-    ])
+    return load_params(root / "none.yaml", [f"{section}={json.dumps(value)}"
+                                            for section, value in tiny(root, **settings).items()])
 
 
 def batches() -> InMemoryBatches:
@@ -66,26 +92,32 @@ def runs_of(root: Path):
 
 @pytest.fixture(scope="module")
 def four_trials(ray_local, tmp_path_factory):
+    """`python -m pipelines.tune vae` in a folder holding params.yaml and the shards it names."""
     root = tmp_path_factory.mktemp("four")
-    # With this seed TPE draws 8 groups for the three trials after the crashing point (Optuna 5).
-    params = search_params(root, seed=6, points_to_evaluate=[CRASHING])
-    start = time.perf_counter()
-    result = tune("vae", params, batch_source=batches(), dataset_digest="tiny")
-    print(f"\n4-trial search: {time.perf_counter() - start:.1f} s wall")
-    return root, params, result
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny(root, points_to_evaluate=POINTS)))
+    params = load_params(root / "params.yaml")
+    write_sample(params.data.sample.dir, n=params.data.sample.n)
+    prepare(params.data)
+    start, cwd = time.perf_counter(), os.getcwd()
+    os.chdir(root)
+    try:
+        result = tune_stage("vae")
+    finally:
+        os.chdir(cwd)
+    print(f"\n4-trial search (DVC stage, real shards): {time.perf_counter() - start:.1f} s wall")
+    return root, result
 
 
 def test_four_trials_run_two_at_a_time_and_a_crash_does_not_end_the_search(four_trials):
-    root, _, result = four_trials
+    root, result = four_trials
     assert len(result.trials) == 4
     failed = [row for row in result.trials if row["status"] == "failed"]
+    assert [row["norm_groups"] for row in failed] == [16]
+    assert "groups must divide every hidden channel count" in result.errors[failed[0]["trial"]]
     finished = [row for row in result.trials if row["status"] == "completed"]
-    assert failed and finished and len(failed) + len(finished) == 4
-    # Exactly the trials drawn (or pointed) at 16 groups crashed, each reported with its error.
-    assert all(row["norm_groups"] == 16 for row in failed) and all(row["norm_groups"] == 8 for row in finished)
-    assert all("groups must divide every hidden channel count" in result.errors[row["trial"]] for row in failed)
+    assert sorted(row["kl_kind"] for row in finished) == ["capacity", "cyclical", "linear"]
     assert all(row["step"] == MAX_STEPS and row["objective"] > 0 for row in finished)
-    assert f"{len(failed)} failed" in str(result)
+    assert "3 completed, 0 stopped early by ASHA, 1 failed" in str(result)
 
     # Trials trained at the same time, never more than max_concurrent: their child runs' lifetimes.
     _, _, children = runs_of(root)
@@ -98,22 +130,33 @@ def test_four_trials_run_two_at_a_time_and_a_crash_does_not_end_the_search(four_
     assert most == 2
 
 
-def test_the_exported_config_is_the_best_trials(four_trials, tmp_path):
-    _, params, result = four_trials
+def test_the_stage_writes_the_best_trials_config_and_the_search_table(four_trials):
+    root, result = four_trials
     grid = ray.tune.Tuner.restore(result.path, trainable=run_trial).get_results()
+    # No trial was stopped early, so Tune's best is the search's (which prefers full-budget trials).
     best = grid.get_best_result(metric="loss", mode="min")
     assert best.metrics["trial_id"] == result.best["trial"]
-    write_tuned(result, tmp_path / "vae.yaml")
-    tuned = load_params(tmp_path / "none.yaml", load_tuned("vae", tmp_path / "vae.yaml"))
+    # tuned/vae.yaml holds exactly the best trial's drawn values, as params.
+    tuned = load_params(root / "none.yaml", load_tuned("vae", root / "tuned/vae.yaml"))
+    assert tuned.train.lr == best.config["train.lr"]
     config = tuned.family_config("vae")
-    drawn = {"train.lr": tuned.train.lr, KIND: config.kl.kind, "models.vae.norm_groups": config.norm_groups}
-    assert {k: v for k, v in best.config.items() if k in drawn} == {k: drawn[k] for k in best.config if k in drawn}
-    assert len(load_tuned("vae", tmp_path / "vae.yaml")) == len(best.config)
-    assert result.best["objective"] == min(r["objective"] for r in result.trials if r["objective"] is not None)
+    drawn = {f"models.vae.{k}": v for k, v in config.model_dump().items() if not isinstance(v, dict)}
+    drawn.update({f"models.vae.kl.{k}": v for k, v in config.kl.model_dump().items()})
+    assert all(drawn[k] == v for k, v in best.config.items() if k != "train.lr")
+    assert len(load_tuned("vae", root / "tuned/vae.yaml")) == len(best.config)
+
+    with open(root / "plots/tune/vae.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["trial"] for r in rows} == {t.metrics["trial_id"] for t in grid}
+    assert {"trial", "status", "step", "objective", "kl_weight", "kl_kind", "train_lr"} <= set(rows[0])
+    assert (root / "plots/tune/vae.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((root / "metrics/tune/vae.json").read_text())
+    assert metrics["best"] == best.metrics["loss"] and metrics["trials"] == 4
+    assert metrics["failed"] == len(result.errors) and metrics["completed"] == 4 - len(result.errors)
 
 
 def test_one_parent_run_and_a_child_run_per_trial(four_trials):
-    root, _, result = four_trials
+    root, result = four_trials
     client, parents, children = runs_of(root)
     assert [p.info.run_id for p in parents] == [result.mlflow_run_id]
     parent = client.get_run(result.mlflow_run_id)

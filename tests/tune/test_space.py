@@ -53,6 +53,16 @@ def test_each_schedule_draws_only_its_own_params(tmp_path):
     assert kinds == set(PER_KIND)
 
 
+def test_conditions_hold_whatever_order_the_keys_are_listed_in(tmp_path):
+    # A params.yaml rewritten with sorted keys lists warmup_steps before the kind it waits for.
+    listed_backwards = dict(reversed(SCHEDULE_SPACE.items()))
+    space = SearchSpace(search_settings(params_with(listed_backwards, tmp_path), "vae").space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        config = space(study.ask())
+        assert set(config) == {"train.lr", KIND, "models.vae.hidden_channels"} | PER_KIND[config[KIND]]
+
+
 @pytest.mark.parametrize("space, message", [
     ({"train.lrr": {"loguniform": [1e-4, 1e-3]}}, "train.lrr is not a params key; did you mean train.lr"),
     ({"models.vae.kl.weigth": {"uniform": [0, 1]}}, "did you mean models.vae.kl.weight"),
@@ -61,7 +71,9 @@ def test_each_schedule_draws_only_its_own_params(tmp_path):
     ({"train.lr": {"loguniform": [0, 1e-3]}}, "bounds must be positive"),
     ({"train.lr": {"uniform": [1e-3, 1e-4]}}, "above high"),
     ({"train.lr": {"normal": [0, 1]}}, "train.lr.normal"),
-    ({"models.vae.kl.warmup_steps": {"int": [5, 9], "when": {KIND: "linear"}}}, "must be a choice key listed above it"),
+    ({"models.vae.kl.warmup_steps": {"int": [5, 9], "when": {KIND: "linear"}}}, "must be a choice key of the space"),
+    ({"models.vae.decoder": {"choice": ["gaussian", "bernoulli"], "when": {KIND: "linear"}},
+      KIND: {"choice": ["constant", "linear"], "when": {"models.vae.decoder": "gaussian"}}}, "wait for each other"),
     ({KIND: {"choice": ["constant"]}, "models.vae.kl.weight": {"uniform": [0, 1], "when": {KIND: "lin"}}},
      "models.vae.kl.kind = 'lin', which is not one of its choices"),
     ({"train.max_steps": {"int": [10, 20]}}, "set by the search itself"),
