@@ -16,6 +16,15 @@ def stage_params(overrides: list[str] | None = None) -> Params:
     return load_params("params.yaml", overrides)
 
 
+def family_params(family: str) -> Params:
+    """The params of a family's train/evaluate/register stages: params.yaml with the winner of
+    tune@FAMILY (tuned/FAMILY.yaml) on top, so that dvc repro trains, evaluates and registers
+    the final model with the tuned values (and all three find the same run)."""
+    from genflow.tune.report import load_tuned
+
+    return stage_params(load_tuned(family))
+
+
 def write_json(path: str, content: dict) -> None:
     """Write a DVC metrics file atomically (a killed stage leaves the old file, not half a new one)."""
     target = Path(path)

@@ -3,8 +3,8 @@
 import sys
 
 from genflow.eval.report import evaluate_family
-from pipelines.common import stage_params, write_json
+from pipelines.common import family_params, write_json
 
 if __name__ == "__main__":
     family = sys.argv[1]
-    write_json(f"metrics/evaluate/{family}.json", evaluate_family(family, stage_params()))
+    write_json(f"metrics/evaluate/{family}.json", evaluate_family(family, family_params(family)))

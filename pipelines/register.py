@@ -3,10 +3,10 @@
 import sys
 
 from genflow.track.registry import register_family
-from pipelines.common import stage_params, write_json
+from pipelines.common import family_params, write_json
 
 if __name__ == "__main__":
     family = sys.argv[1]
-    version = register_family(family, stage_params())
+    version = register_family(family, family_params(family))
     write_json(f"metrics/register/{family}.json", {"model": version.name, "version": int(version.version), "alias": "candidate"})
     print(f"registered {version.name} version {version.version} (alias candidate)")

@@ -11,8 +11,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from genflow.train.trainer import train
-from genflow.tune.report import load_tuned
-from pipelines.common import stage_params, write_json
+from pipelines.common import family_params, write_json
 
 
 def write_curves(run_id: str, path: Path) -> None:
@@ -32,8 +31,7 @@ def write_curves(run_id: str, path: Path) -> None:
 
 
 def main(family: str) -> None:
-    # tune@FAMILY's winner (tuned/FAMILY.yaml) over params.yaml: dvc repro trains the final model with it.
-    result = train(family, stage_params(load_tuned(family)))
+    result = train(family, family_params(family))
     write_json(f"metrics/train/{family}.json", {"run_id": result.mlflow_run_id, "ray_run": result.ray_run_name,
                                                  **{k: v for k, v in result.metrics.items()}})
     write_curves(result.mlflow_run_id, Path(f"plots/train/{family}.csv"))
