@@ -50,9 +50,9 @@ def evaluate_family(family: str, params: Params) -> dict[str, float]:
     now = int(time.time() * 1000)
     tracking.with_retries(lambda: client.log_batch(run_id, metrics=[
         mlflow.entities.Metric(f"test/{k}", float(v), now, 0) for k, v in metrics.items()]))
-    generator = torch.Generator(device).manual_seed(0)
-    samples = model.sample(params.evaluate.sample_n, generator=generator) if not model.conditional else \
-        model.sample(params.evaluate.sample_n, cond=torch.zeros(params.evaluate.sample_n, 40, device=device), generator=generator)
+    n = params.evaluate.sample_n
+    cond = torch.zeros(n, 40, device=device) if model.conditional else None
+    samples = model.sample(n, cond=cond, generator=torch.Generator(device).manual_seed(0))
     tracking.with_retries(lambda: client.log_image(run_id, image_grid(samples.cpu()), artifact_file="evaluation/samples.png"))
     print(f"{family} (run {run_id}): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return {"run_id": run_id, **metrics}
