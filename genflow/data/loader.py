@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import filters as wds_filters
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from genflow.data.celeba import ATTRIBUTE_NAMES
 from genflow.data.shards import ATTRS_EXT, ATTRS_NPY_HEADER, IMAGE_EXT, ppm_header
+from genflow.data.tarstream import tar_members
 
 _SHUFFLE_BUFFER = 1000  # samples (~12 KB each) each worker holds to mix its stream
 
@@ -142,10 +143,10 @@ class ShardStream(IterableDataset):
         return segments
 
     def _read(self, segments: list[tuple[int, int, int]]) -> Iterator[dict]:
+        # webdataset groups the members into samples; tar_members reads them ~10x faster than
+        # the tarfile-based expander webdataset would use (see tarstream.py).
         for shard, first, stop in segments:
-            with open(self.files[shard], "rb") as stream:
-                files = tar_file_expander([{"url": self.files[shard], "stream": stream}])
-                yield from itertools.islice(group_by_keys(files), first, stop)
+            yield from itertools.islice(group_by_keys(tar_members(self.files[shard])), first, stop)
 
     def _collate(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         # The shards' fixed headers are checked, then the bytes are used where they lie: decoding
