@@ -11,10 +11,9 @@ Images are stored as binary PPM: lossless like PNG, but decoding is a header che
 memory view, where a 64x64 PNG costs the loader over 100x more CPU (benchmarks/loader.py
 prints both). The price is size: 14 KB per sample in the tar, 2.9 GB for CelebA.
 
-Each process writes whole shards with webdataset's TarWriter, 64 images at a time: each is
-decoded in full by libjpeg-turbo into one buffer, then the batch's centre crops are resized by
-one call of torch's antialiased bicubic uint8 kernel. Per image that is ~115 us of decoding,
-~40 us of resizing and ~100 us of TarWriter (benchmarks/prepare.py).
+Each process writes whole shards with webdataset's TarWriter, 64 images at a time: decoded
+one by one into one buffer, made squares by one resize call (squares.py). Per image that is
+~85 us of decoding, ~40 us of resizing and ~100 us of TarWriter (benchmarks/prepare.py).
 
 Same input and params give byte-identical shards: the split and each shard's list of images
 are fixed before any image is decoded, and the tar headers carry a fixed time and owner. (The
@@ -30,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import tarfile
 from dataclasses import asdict, dataclass
 from functools import partial
 from multiprocessing import Pool
@@ -38,17 +38,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import simplejpeg
 import torch
-import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
 from genflow.config import DataParams
 from genflow.data import replaced_atomically
-from genflow.data.celeba import ATTRIBUTE_NAMES, IMAGE_SIZE, CelebA, ImageSource, Rejection, open_celeba
+from genflow.data.celeba import ATTRIBUTE_NAMES, CelebA, ImageSource, Rejection, open_celeba
 from genflow.data.split import split_ids
+from genflow.data.squares import BadImage, SquareBatch, plan_squares
 
 SPLITS = ("train", "test")
 SHARD_PATTERN = "celeba64-%06d.tar"
@@ -69,82 +67,8 @@ def _npy_header(array: np.ndarray) -> bytes:
 ATTRS_NPY_HEADER = _npy_header(np.zeros(len(ATTRIBUTE_NAMES), np.uint8))
 
 
-class BadImage(Exception):
-    """An image that cannot soundly become a training image; the message is the reason."""
-
-
 def ppm_header(size: int) -> bytes:
     return b"P6\n%d %d\n255\n" % (size, size)
-
-
-def centre_box(crop: int) -> tuple[int, int]:
-    """(left, top) of the centre `crop` square of an aligned image, in whole pixels.
-
-    Rounded down like the straightforward script's `(178 - crop) // 2`; for the default 148
-    that is (15, 35), exactly the centre.
-    """
-    return (IMAGE_SIZE[0] - crop) // 2, (IMAGE_SIZE[1] - crop) // 2
-
-
-def decode_rgb(data: bytes, out: np.ndarray) -> str | None:
-    """Decode one aligned image into `out` (uint8 [218, 178, 3]).
-
-    Returns a note when the image had to be converted; raises BadImage with the reason when
-    it cannot be used. JPEGs go straight into `out` through libjpeg-turbo (simplejpeg), the
-    fastest full decode there is here (~2.5x Pillow's); the rest goes through Pillow.
-    """
-    if data[:2] != b"\xff\xd8":
-        return _decode_with_pil(data, out, "{format} data under a .jpg name, decoded")
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError as err:
-        raise BadImage(f"corrupt JPEG: {err}") from None
-    _check_size(width, height)
-    if colorspace in ("CMYK", "YCCK"):
-        # libjpeg-turbo does not undo Adobe's inverted CMYK; Pillow does.
-        return _decode_with_pil(data, out, f"{colorspace} JPEG, converted to RGB")
-    try:
-        simplejpeg.decode_jpeg(data, "RGB", buffer=out)
-    except ValueError as err:
-        raise BadImage(f"corrupt JPEG: {err}") from None
-    return "grayscale JPEG, converted to RGB" if colorspace == "Gray" else None
-
-
-def _decode_with_pil(data: bytes, out: np.ndarray, note: str) -> str:
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            _check_size(*opened.size)
-            note = note.format(format=opened.format)
-            out[...] = np.asarray(opened.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:  # what Pillow raises on unreadable data
-        raise BadImage(f"not a readable image: {err}") from None
-    return note
-
-
-def _check_size(width: int, height: int) -> None:
-    if (width, height) != IMAGE_SIZE:
-        raise BadImage(f"wrong size {width}x{height}, expected {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} (img_align_celeba)")
-
-
-def resize_crops(frames: np.ndarray, crop: int, size: int) -> np.ndarray:
-    """uint8 [B, 218, 178, 3] decoded images -> their centre `crop` squares, resized to `size`.
-
-    Antialiased bicubic (Pillow's filter: a=-0.5, support widened by the downscale factor),
-    done by torch's uint8 kernel on the whole batch: ~8x faster than Pillow's resize image by
-    image, and within one grey level of it (tests/data/test_shards.py).
-    """
-    left, top = centre_box(crop)
-    # A channels-last view, which is what torch's vectorised uint8 path takes; no copy.
-    batch = torch.from_numpy(frames).permute(0, 3, 1, 2)[:, :, top : top + crop, left : left + crop]
-    resized = F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True)
-    return resized.permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def square_image(data: bytes, crop: int, size: int) -> tuple[np.ndarray, str | None]:
-    """One image's training square, uint8 [size, size, 3], and its conversion note (see decode_rgb)."""
-    frame = np.empty((1, IMAGE_SIZE[1], IMAGE_SIZE[0], 3), np.uint8)
-    note = decode_rgb(data, frame[0])
-    return resize_crops(frame, crop, size)[0], note
 
 
 def prepare(data: DataParams) -> dict:
@@ -299,9 +223,7 @@ def _stats(data: DataParams, celeba: CelebA, written: _Written, assigned: dict[s
 
 
 _worker: dict = {}
-# Images decoded into one buffer and resized by one call: large enough that the resize runs
-# at its batched speed, small enough that the buffer (7.5 MB) stays in cache-friendly reach.
-_CHUNK = 64
+_BATCH = 64  # images decoded into one buffer, then resized by one call
 
 
 def _init_worker(source: ImageSource, root: Path, crop: int, size: int, pool_process: bool = False) -> None:
@@ -315,36 +237,40 @@ def _init_worker(source: ImageSource, root: Path, crop: int, size: int, pool_pro
 
 def _write_shard(task: _ShardTask) -> _ShardResult:
     """Decode the task's images and write the usable ones, in order, into one shard."""
-    source, crop, size, path = _worker["source"], _worker["crop"], _worker["size"], _worker["root"] / task.file
-    header = ppm_header(size)
+    source, path = _worker["source"], _worker["root"] / task.file
+    plan = plan_squares(_worker["crop"], _worker["size"])
+    header = ppm_header(plan.size)
     kept, rejected, converted = [], [], []
     histogram = np.zeros((3, 256), np.int64) if task.with_histogram else None
-    frames = np.empty((_CHUNK, IMAGE_SIZE[1], IMAGE_SIZE[0], 3), np.uint8)
+    batch = SquareBatch(plan, _BATCH)
     with wds.TarWriter(str(path), encoder=False, mtime=_TAR_MTIME) as tar:
-        for start in range(0, len(task.names), _CHUNK):
-            decoded = []  # positions in the task of the images now in frames[:len(decoded)]
-            for position in range(start, min(start + _CHUNK, len(task.names))):
+        # webdataset 1.0 takes a `format` but never hands it to tarfile, which then builds pax
+        # headers (~8 us a sample) that our short names and sizes never need: same bytes.
+        tar.tarstream.format = tarfile.USTAR_FORMAT
+        for start in range(0, len(task.names), _BATCH):
+            decoded = []  # positions in the task of the images in the batch
+            for position in range(start, min(start + _BATCH, len(task.names))):
                 name = task.names[position]
                 try:
-                    note = decode_rgb(source.read(name), frames[len(decoded)])
+                    note = batch.add(source.read(name))
                 except BadImage as bad:
                     rejected.append((name, str(bad)))
                     continue
                 decoded.append(position)
                 if note:
                     converted.append((name, note))
-            if not decoded:
-                continue
-            squares = resize_crops(frames[: len(decoded)], crop, size)
+            squares = batch.squares()
             for position, pixels in zip(decoded, squares):
                 attrs = task.attrs[position].astype(np.uint8)
                 sample = {IMAGE_EXT: header + pixels.tobytes(), ATTRS_EXT: ATTRS_NPY_HEADER + attrs.tobytes()}
                 tar.write({"__key__": CelebA.image_id(task.names[position]), **sample})
             kept += decoded
-            if histogram is not None:
-                # Histograms, not sums: bincount is several times faster than an int64 sum, as exact.
+            if histogram is not None and decoded:
+                # Histograms, not sums: as exact, and bincount over uint8 planes is several times
+                # faster than an int64 sum.
+                planes = torch.from_numpy(squares).permute(3, 0, 1, 2).contiguous().view(3, -1)
                 for channel in range(3):
-                    histogram[channel] += np.bincount(squares[..., channel].ravel(), minlength=256)
+                    histogram[channel] += torch.bincount(planes[channel], minlength=256).numpy()
     sha256 = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
