@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 # The release's order: attribute i of a row is ATTRIBUTE_NAMES[i].
 ATTRIBUTE_NAMES = tuple(
@@ -132,14 +135,12 @@ class CelebA:
 def open_celeba(path: str | Path) -> CelebA:
     """Detect the layout at `path`, parse the attributes and list the images."""
     root, layout, source, attr_file = _detect(Path(path))
-    rows, listed, rejected = _parse_attributes(root / attr_file, csv_format=attr_file.endswith(".csv"))
+    csv_format = attr_file.endswith(".csv")
+    parsed = _parse_attributes_fast(root / attr_file, csv_format)
+    if parsed is None:  # something is off: the row-by-row parser finds what, and where
+        parsed = _parse_attributes(root / attr_file, csv_format)
+    names, attrs, listed, rejected = parsed
     on_disk = set(source.list_names())
-    names = [name for name, _ in rows]
-    attrs = (
-        np.loadtxt([" ".join(values) for _, values in rows], dtype=np.int8, ndmin=2)
-        if rows
-        else np.zeros((0, len(ATTRIBUTE_NAMES)), np.int8)
-    )
     missing = frozenset(name for name in names if name not in on_disk)
     for name in sorted(missing):
         rejected.append(Rejection(source.describe(name), f"listed in {attr_file} but missing from {source.label}"))
@@ -181,10 +182,63 @@ def _zip_source(path: Path) -> ImageSource:
     return ImageSource("zip", str(path), path.name, IMAGES_DIR + "/" if has_folder else "")
 
 
-def _parse_attributes(
-    path: Path, csv_format: bool
-) -> tuple[list[tuple[str, list[str]]], set[str], list[Rejection]]:
-    """Well-formed rows as (name, 40 value strings), every name a row lists, rejected rows.
+_Parsed = tuple[list[str], np.ndarray, set[str], list["Rejection"]]
+
+
+def _parse_attributes_fast(path: Path, csv_format: bool) -> _Parsed | None:
+    """The whole file at C speed (pyarrow), when every row is well formed; None otherwise.
+
+    On CelebA's 202,599 rows: ~0.7 s, where the row-by-row parser takes ~4 s before any
+    image can be decoded. The checks are the row parser's, made on whole columns.
+    """
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    header_lines = 1 if csv_format else 2
+    head = data.split(b"\n", header_lines)
+    if len(head) <= header_lines:
+        return None
+    try:
+        header = [line.decode().split(",") if csv_format else line.decode().split() for line in head[:header_lines]]
+    except UnicodeDecodeError:
+        return None
+    count = None
+    if csv_format:
+        _check_header(path, 1, [f.strip() for f in header[0]], ["image_id", *ATTRIBUTE_NAMES])
+    else:
+        count = _read_count(path, header[0])
+        _check_header(path, 2, header[1], list(ATTRIBUTE_NAMES))
+    body = head[header_lines].replace(b"\r", b"")
+    if not csv_format:  # the release pads values to two characters: single spaces for the reader
+        body = body.replace(b"\t", b" ")
+        while b"  " in body:
+            body = body.replace(b"  ", b" ")
+        body = body.replace(b" \n", b"\n").replace(b"\n ", b"\n").strip(b" ")
+    columns = ["image_id", *ATTRIBUTE_NAMES]
+    try:
+        table = pa_csv.read_csv(
+            pa.py_buffer(body),
+            read_options=pa_csv.ReadOptions(column_names=columns),
+            parse_options=pa_csv.ParseOptions(delimiter="," if csv_format else " "),
+            convert_options=pa_csv.ConvertOptions(column_types={"image_id": pa.string(), **dict.fromkeys(ATTRIBUTE_NAMES, pa.int8())}),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a row with another number of fields, a value not a number
+        return None
+    names = table.column("image_id")
+    attrs = np.stack([table.column(name).to_numpy(zero_copy_only=False) for name in ATTRIBUTE_NAMES], axis=1) if len(table) else np.zeros((0, len(ATTRIBUTE_NAMES)), np.int8)
+    well_formed = (
+        (count is None or count == len(table))
+        and not any(column.null_count for column in table.columns)
+        and bool(np.all((attrs == 1) | (attrs == -1)))
+        and pc.all(pc.match_substring_regex(names, f"^(?:{_IMAGE_NAME.pattern})$")).as_py() in (True, None)
+        and len(pc.unique(names)) == len(names)
+    )
+    if not well_formed:
+        return None
+    listed = names.to_pylist()
+    return listed, attrs.astype(np.int8), set(listed), []
+
+
+def _parse_attributes(path: Path, csv_format: bool) -> _Parsed:
+    """Well-formed rows' names and attributes (int8 [n, 40]), every name a row lists, rejected rows.
 
     A wrong header or count line makes the whole file suspect: that is an error. A single
     malformed row only loses its image: it is rejected, counted and listed.
@@ -226,7 +280,8 @@ def _parse_attributes(
             f"{path}:1: the count line says {count} images but the file has {data_rows} rows; "
             f"the file is truncated or edited, download it again"
         )
-    return rows, listed, rejected
+    attrs = np.array([[value == "1" for value in values] for _, values in rows], bool).reshape(-1, len(ATTRIBUTE_NAMES))
+    return [name for name, _ in rows], np.where(attrs, 1, -1).astype(np.int8), listed, rejected
 
 
 def _read_count(path: Path, fields: list[str]) -> int:

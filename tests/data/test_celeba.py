@@ -4,6 +4,7 @@ from multiprocessing import Pool
 import numpy as np
 import pytest
 
+from genflow.data import celeba as celeba_module
 from genflow.data.celeba import ATTRIBUTE_NAMES, open_celeba
 from genflow.data.synth import write_sample
 
@@ -126,3 +127,48 @@ def test_missing_and_unlisted_images_are_rejected(tmp_path):
         ("img_align_celeba/999999.jpg", "not listed in list_attr_celeba.txt"),
     ]
     assert celeba.n_images == 6
+
+
+def both_parsers(path, csv_format=False):
+    fast = celeba_module._parse_attributes_fast(path, csv_format)
+    rows = celeba_module._parse_attributes(path, csv_format)
+    return fast, rows
+
+
+def test_fast_and_row_parsers_agree_on_well_formed_files(layouts, tmp_path):
+    official = layouts / "official" / "list_attr_celeba.txt"
+    kaggle = layouts / "kaggle" / "list_attr_celeba.csv"
+    quirky = tmp_path / "list_attr_celeba.txt"  # a BOM, CRLF, tabs and trailing spaces
+    lines = official.read_text().splitlines()
+    quirky.write_bytes(b"\xef\xbb\xbf" + "\r\n".join([lines[0], lines[1] + " ", *(l.replace(" ", "\t", 1) + "  " for l in lines[2:])]).encode() + b"\r\n")
+    for path, csv_format in [(official, False), (kaggle, True), (quirky, False)]:
+        fast, rows = both_parsers(path, csv_format)
+        assert fast is not None, path
+        names, attrs, listed, rejected = fast
+        assert names == rows[0] == [f"{i:06d}.jpg" for i in range(1, 10)]
+        assert attrs.dtype == rows[1].dtype == np.int8 and (attrs == rows[1]).all() and set(np.unique(attrs)) <= {-1, 1}
+        assert listed == rows[2] and rejected == rows[3] == []
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda line: line.rsplit(" ", 1)[0],  # 39 values
+        lambda line: line[:-2] + " 0",  # a value that is not -1 or 1
+        lambda line: line[:-2] + " x",  # a value that is not a number
+        lambda line: "000001.jpg" + line[10:],  # a name listed twice
+        lambda line: "000003 jpg" + line[10:],  # not a file name
+    ],
+)
+def test_the_fast_parser_leaves_malformed_rows_to_the_row_parser(tmp_path, edit):
+    write_sample(tmp_path / "s", n=6)
+    edit_attr_line(tmp_path / "s", 5, edit)
+    fast, rows = both_parsers(tmp_path / "s" / "list_attr_celeba.txt")
+    assert fast is None
+    assert len(rows[0]) == 5 and len(rows[3]) == 1 and rows[3][0].file == "list_attr_celeba.txt:5"
+
+
+def test_the_fast_parser_leaves_a_wrong_count_to_the_row_parser(tmp_path):
+    write_sample(tmp_path / "s", n=6)
+    edit_attr_line(tmp_path / "s", 1, lambda line: "7")
+    assert celeba_module._parse_attributes_fast(tmp_path / "s" / "list_attr_celeba.txt", False) is None
