@@ -243,7 +243,7 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
     kept, rejected, converted = [], [], []
     histogram = np.zeros((3, 256), np.int64) if task.with_histogram else None
     batch = SquareBatch(plan, _BATCH)
-    with wds.TarWriter(str(path), encoder=False, mtime=_TAR_MTIME) as tar:
+    with open(path, "wb") as file, wds.TarWriter(writer := _HashingWriter(file), encoder=False, mtime=_TAR_MTIME) as tar:
         # webdataset 1.0 takes a `format` but never hands it to tarfile, which then builds pax
         # headers (~8 us a sample) that our short names and sizes never need: same bytes.
         tar.tarstream.format = tarfile.USTAR_FORMAT
@@ -271,11 +271,22 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
                 planes = torch.from_numpy(squares).permute(3, 0, 1, 2).contiguous().view(3, -1)
                 for channel in range(3):
                     histogram[channel] += torch.bincount(planes[channel], minlength=256).numpy()
-    sha256 = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha256.update(block)
-    return _ShardResult(kept, rejected, converted, path.stat().st_size, sha256.hexdigest(), histogram)
+    return _ShardResult(kept, rejected, converted, writer.size, writer.sha256.hexdigest(), histogram)
+
+
+class _HashingWriter:
+    """A file's writer that hashes what it writes: the shard's sha256 without reading it back."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _usable_cores() -> int:
