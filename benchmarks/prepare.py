@@ -1,6 +1,6 @@
 """Prepare's speed side by side with a straightforward script and the JPEG-decode floor.
 
-    python benchmarks/prepare.py [--n 6000] [--repeats 3]
+    python benchmarks/prepare.py [--n 6000] [--repeats 5]
 
 On one synthetic sample (genflow data synth), measured in one run, interleaved, best of
 --repeats for each (the machine may be shared and noisy):
@@ -127,7 +127,7 @@ def cpu_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=6000, help="images in the synthetic input")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))  # what prepare runs with: one process per usable core
 
