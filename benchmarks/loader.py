@@ -8,7 +8,9 @@ epoch twice: whole, and from its first batch on. Workers start anew every epoch 
 before the first batch); over this sample's 5,600 images that start weighs ~25x more than
 over CelebA's 141,819, so the second figure is the one that stands for CelebA and is held
 to the target: >= 10,000 images/s. For the choice of PPM in the shards it also prints what
-decoding one 64x64 image costs as PPM (what the loader does) and as PNG with Pillow.
+decoding one 64x64 image costs as PPM (what the loader does) and as PNG with Pillow, and, for
+the loader's tar reader, what reading a shard's samples costs with genflow.data.tarstream and
+with webdataset's own tarfile-based expander.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from genflow.config import DataParams
 from genflow.data.loader import train_loader
 from genflow.data.shards import ppm_header, prepare
 from genflow.data.synth import write_sample
+from genflow.data.tarstream import tar_members
 
 TARGET = 10_000
 
@@ -49,6 +53,23 @@ def per_image_decode_us(images: list[np.ndarray]) -> dict[str, float]:
             decode(data)
         timings[name] = (time.perf_counter() - start) / len(encoded) * 1e6
     return timings
+
+
+def per_sample_read_us(shards: list[Path], repeats: int = 3) -> dict[str, float]:
+    """Grouped samples from the shards, one process: genflow's tar reader vs webdataset's."""
+    def webdataset_members(path: str):
+        with open(path, "rb") as stream:
+            yield from tar_file_expander([{"url": path, "stream": stream}])
+
+    readers = {"tarstream (genflow)": tar_members, "tarfile (webdataset)": webdataset_members}
+    best = dict.fromkeys(readers, float("inf"))
+    for _ in range(repeats):
+        for name, members in readers.items():
+            start, samples = time.perf_counter(), 0
+            for shard in shards:
+                samples += sum(1 for _ in group_by_keys(members(str(shard))))
+            best[name] = min(best[name], (time.perf_counter() - start) / samples * 1e6)
+    return best
 
 
 def main() -> None:
@@ -76,12 +97,15 @@ def main() -> None:
             whole = max(whole, seen / (end - start))
             steady = max(steady, (seen - first_batch) / (end - first_batch_at))
         decode_us = per_image_decode_us(kept[:200])
+        read_us = per_sample_read_us(sorted((tmp / "shards" / "train").glob("*.tar")))
 
     ratio = steady / TARGET
     print(f"\ntrain_loader, 2 workers, batch {args.batch_size}, {seen} train images/epoch, best of {args.epochs} epochs:")
     print(f"  {whole:9.0f} images/s   whole epoch, worker start-up included")
     print(f"  {steady:9.0f} images/s   from the first batch on; target >= {TARGET}: {ratio:.2f}x, {'meets' if ratio >= 1 else 'MISSES'}")
     print("  decoding one 64x64 image, for the shard format: " + ", ".join(f"{k} {v:.1f} us" for k, v in decode_us.items()))
+    (ours, ours_us), (theirs, theirs_us) = read_us.items()
+    print(f"  reading one sample from the shards: {ours} {ours_us:.1f} us, {theirs} {theirs_us:.1f} us ({theirs_us / ours_us:.1f}x)")
 
 
 if __name__ == "__main__":
