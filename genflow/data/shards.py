@@ -46,7 +46,7 @@ from genflow.config import DataParams
 from genflow.data import replaced_atomically
 from genflow.data.celeba import ATTRIBUTE_NAMES, CelebA, ImageSource, Rejection, open_celeba
 from genflow.data.split import split_ids
-from genflow.data.squares import BadImage, SquareBatch, plan_squares
+from genflow.data.squares import BadImage, SquareBatch, centre_box, plan_squares
 
 SPLITS = ("train", "test")
 SHARD_PATTERN = "celeba64-%06d.tar"
@@ -208,6 +208,7 @@ def _stats(data: DataParams, celeba: CelebA, written: _Written, assigned: dict[s
     return {
         "source": {"path": str(data.source_path()), "layout": celeba.layout, "is_sample": data.is_sample()},
         "params": data.model_dump(),
+        "squares": _describe_squares(data.crop, data.size),
         "counts": {
             **counts,
             "assigned": assigned,  # by the split, before decoding
@@ -219,6 +220,17 @@ def _stats(data: DataParams, celeba: CelebA, written: _Written, assigned: dict[s
         "shards": written.shards,
         "rejected": [asdict(r) for r in written.rejected],
         "converted": written.converted,
+    }
+
+
+def _describe_squares(crop: int, size: int) -> dict:
+    """How the squares were made, for stats.json: what a reader of the data may want to know."""
+    plan = plan_squares(crop, size)
+    left, top = centre_box(crop)
+    return {
+        "crop_box": [left, top, left + crop, top + crop],  # left, top, right, bottom in source pixels
+        "jpeg_decode_scale": plan.eighths / 8,  # libjpeg-turbo's DCT scaling
+        "resize": "antialiased bicubic (Pillow's filter), torch uint8 kernel",
     }
 
 

@@ -45,6 +45,7 @@ def test_shards_manifest_and_stats(prepared):
     assert [s["count"] for s in stats["shards"]["train"]] == [16, 16, 16, 16, 6]
     assert [s["file"] for s in stats["shards"]["test"]] == ["test/celeba64-000000.tar", "test/celeba64-000001.tar"]
     assert stats["source"]["is_sample"] is False and stats["params"]["crop"] == 148 and stats["params"]["shard_size"] == 16
+    assert stats["squares"]["crop_box"] == [15, 35, 163, 183] and stats["squares"]["jpeg_decode_scale"] == 0.5
     for shard in stats["shards"]["train"] + stats["shards"]["test"]:
         data = (prepared / shard["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
