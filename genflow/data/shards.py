@@ -5,7 +5,8 @@
     {shards}/train/celeba64-000000.tar ...   KEY.ppm (64x64 RGB) + KEY.attrs.npy (uint8 [40], 0/1)
     {shards}/test/celeba64-000000.tar ...
     {shards}/manifest.parquet                one row per kept image: key, split, shard, 40 attributes
-    {shards}/stats.json                      source, counts, mean/std, shard sha256s, rejections
+    {shards}/stats.json                      source, counts, how the squares were made, mean/std,
+                                             shard sha256s, rejections
 
 Images are stored as binary PPM: lossless like PNG, but decoding is a header check and a
 memory view, where a 64x64 PNG costs the loader over 100x more CPU (benchmarks/loader.py
@@ -13,7 +14,7 @@ prints both). The price is size: 14 KB per sample in the tar, 2.9 GB for CelebA.
 
 Each process writes whole shards with webdataset's TarWriter, 64 images at a time: decoded
 one by one into one buffer, made squares by one resize call (squares.py). Per image that is
-~85 us of decoding, ~40 us of resizing and ~100 us of TarWriter (benchmarks/prepare.py).
+~100 us of decoding, ~40 us of resizing and ~110 us of TarWriter (benchmarks/prepare.py).
 
 Same input and params give byte-identical shards: the split and each shard's list of images
 are fixed before any image is decoded, and the tar headers carry a fixed time and owner. (The
