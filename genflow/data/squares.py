@@ -6,7 +6,8 @@
 
 The square is Pillow's antialiased bicubic resize (a=-0.5, the support widened by the
 downscale factor) of the centre crop box, computed for a whole batch by one call of torch's
-vectorised uint8 kernel: ~8x faster than Pillow image by image, and within one grey level of it.
+vectorised uint8 kernel: ~8x faster than Pillow image by image, and within one grey level of it
+at the default (at downscales of 3x and more, a few pixels by hard edges differ by a few levels).
 
 When the crop is at least twice the size (148 -> 64), JPEGs are decoded at half scale by
 libjpeg-turbo's DCT scaling, which drops frequencies the square cannot hold anyway for ~65% of
