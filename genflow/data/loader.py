@@ -143,8 +143,8 @@ class ShardStream(IterableDataset):
         return segments
 
     def _read(self, segments: list[tuple[int, int, int]]) -> Iterator[dict]:
-        # webdataset groups the members into samples; tar_members reads them ~10x faster than
-        # the tarfile-based expander webdataset would use (see tarstream.py).
+        # webdataset groups the members into samples; tar_members reads them ~5x faster than
+        # the tarfile-based expander webdataset would use (benchmarks/loader.py).
         for shard, first, stop in segments:
             yield from itertools.islice(group_by_keys(tar_members(self.files[shard])), first, stop)
 

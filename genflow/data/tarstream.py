@@ -33,15 +33,13 @@ def tar_members(path: str) -> Iterator[dict]:
         offset, long_name, pax = 0, None, {}
         while True:
             header = stream.read(BLOCK)
+            if offset == 0 and header[:2] in _COMPRESSED_MAGIC:
+                raise TarFormatError(f"{path}: a compressed file; shards are plain tar")
             if header == _END:
                 return
             if len(header) < BLOCK:
-                if offset == 0 and header[:2] in _COMPRESSED_MAGIC:
-                    raise TarFormatError(f"{path}: a compressed file; shards are plain tar")
                 # A tar archive ends with zero blocks: without them the file was cut short.
                 raise TarFormatError(f"{path}: ends at byte {offset + len(header)} without the end-of-archive block (truncated?)")
-            if offset == 0 and header[:2] in _COMPRESSED_MAGIC:
-                raise TarFormatError(f"{path}: a compressed file; shards are plain tar")
             _check(header, path, offset)
             size = int(pax.get("size", _octal(header[124:136], path, offset)))
             typeflag = header[156:157]
@@ -54,8 +52,10 @@ def tar_members(path: str) -> Iterator[dict]:
                 pax = _pax_records(data, path, offset)
             elif typeflag == b"L":  # GNU long name of the next member
                 long_name = data.rstrip(b"\0").decode()
-            elif typeflag in (b"g", b"K") or typeflag in _SKIPPED:
-                pax = {} if typeflag in _SKIPPED else pax
+            elif typeflag in _SKIPPED:  # no data for us: its pax records were its own
+                pax = {}
+            elif typeflag in (b"g", b"K"):  # global pax records, GNU long link names: nothing we use
+                pass
             elif typeflag in _REGULAR:
                 name = pax.get("path") or long_name or _name(header)
                 long_name, pax = None, {}
