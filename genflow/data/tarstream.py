@@ -47,13 +47,13 @@ def tar_members(path: str) -> Iterator[dict]:
             if len(data) < size:
                 raise TarFormatError(f"{path}: member at byte {offset} ends early ({len(data)} of {size} bytes)")
             stream.seek((-size) % BLOCK, 1)
-            offset += BLOCK + size + (-size) % BLOCK
+            member_offset, offset = offset, offset + BLOCK + size + (-size) % BLOCK
             if typeflag == b"x":  # pax header of the next member
-                pax = _pax_records(data, path, offset)
+                pax = _pax_records(data, path, member_offset)
             elif typeflag == b"L":  # GNU long name of the next member
                 long_name = data.rstrip(b"\0").decode()
-            elif typeflag in _SKIPPED:  # no data for us: its pax records were its own
-                pax = {}
+            elif typeflag in _SKIPPED:  # no data for us: its pax records and long name were its own
+                long_name, pax = None, {}
             elif typeflag in (b"g", b"K"):  # global pax records, GNU long link names: nothing we use
                 pass
             elif typeflag in _REGULAR:
@@ -61,7 +61,7 @@ def tar_members(path: str) -> Iterator[dict]:
                 long_name, pax = None, {}
                 yield {"fname": name, "data": data, "__url__": path}
             else:
-                raise TarFormatError(f"{path}: unsupported tar member type {typeflag!r} at byte {offset}")
+                raise TarFormatError(f"{path}: unsupported tar member type {typeflag!r} at byte {member_offset}")
 
 
 def _check(header: bytes, path: str, offset: int) -> None:
@@ -97,7 +97,7 @@ def _pax_records(data: bytes, path: str, offset: int) -> dict[str, str]:
         try:
             length = int(data[position:space])
         except ValueError:
-            raise TarFormatError(f"{path}: malformed pax header before byte {offset}") from None
+            raise TarFormatError(f"{path}: malformed pax header at byte {offset}") from None
         key, _, value = data[space + 1 : position + length - 1].partition(b"=")
         records[key.decode()] = value.decode()
         position += length

@@ -92,3 +92,28 @@ def test_a_compressed_or_foreign_file_is_refused(tmp_path):
     text.write_text("not a tar file\n" * 100)
     with pytest.raises(TarFormatError, match="notes.tar"):
         list(tar_members(str(text)))
+
+
+def test_a_long_named_directory_keeps_its_name_to_itself(tmp_path):
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        directory = tarfile.TarInfo("d" * 150)  # GNU writes an 'L' long-name member before it
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        info = tarfile.TarInfo("short.ppm")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    assert [(m["fname"], m["data"]) for m in tar_members(str(path))] == [("short.ppm", b"abc")] == webdataset_reads(path)
+
+
+def test_an_unsupported_member_is_named_at_its_own_offset(tmp_path):
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("first.ppm")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+        sparse = tarfile.TarInfo("sparse")
+        sparse.type = b"S"
+        tar.addfile(sparse)
+    with pytest.raises(TarFormatError, match=r"unsupported tar member type b'S' at byte 1024$"):
+        list(tar_members(str(path)))
