@@ -1,0 +1,15 @@
+"""Tiny configs of every family: the same code paths as a real run, sized for CPU tests.
+
+One entry per family in genflow/models/families.py (the contract test checks that none is missing).
+"""
+
+TINY_CONFIGS: dict[str, dict] = {
+    "vae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4},
+}
+
+
+def tiny_overrides(family: str) -> list[str]:
+    """The tiny config as `-S models.FAMILY.key=value` overrides."""
+    import json
+
+    return [f"models.{family}.{key}={json.dumps(value)}" for key, value in TINY_CONFIGS[family].items()]
