@@ -25,7 +25,7 @@ MODEL_ARTIFACT = "model"  # name of the logged model inside the run
 
 class GenerativeSampler(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from genflow.train.checkpoint import load_model
+        from genflow.models.saved import load_model
 
         self.model = load_model(context.artifacts["checkpoint"])
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genflow.models.families import get_family
 from genflow.models.protocol import GenerativeModel
+from genflow.models.saved import MODEL_FILE, load_model, save_model  # noqa: F401  (load_model: re-exported)
 
-MODEL_FILE = "model.pt"
 TRAINING_STATE_FILE = "training_state.pt"
 
 
@@ -40,10 +39,7 @@ def save_checkpoint(
 ) -> None:
     directory = Path(directory)
     if rank == 0:
-        torch.save(
-            {"family": family, "config": model.config.model_dump(), "state_dict": model.state_dict()},
-            directory / MODEL_FILE,
-        )
+        save_model(directory / MODEL_FILE, family, model)
         torch.save(
             {
                 "step": step,
@@ -68,7 +64,7 @@ def restore_training_state(
 ) -> int:
     """Load everything `save_checkpoint` wrote into the live objects; returns the step."""
     directory = Path(directory)
-    saved_model = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=False)
+    saved_model = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(saved_model["state_dict"])
     state = torch.load(directory / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
     for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
@@ -84,16 +80,3 @@ def restore_training_state(
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
     return int(state["step"])
-
-
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
-    """Rebuild the trained model from a checkpoint directory (or its model.pt) alone."""
-    path = Path(directory)
-    path = path / MODEL_FILE if path.is_dir() else path
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no model in this checkpoint (expected {MODEL_FILE})")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    model_class = get_family(saved["family"])
-    model = model_class(model_class.config_class(**saved["config"]))
-    model.load_state_dict(saved["state_dict"])
-    return model.to(device).eval()

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from genflow._telemetry import TELEMETRY_OFF
 from genflow.config import Params, RayParams, flatten
-from genflow.train.checkpoint import MODEL_FILE
+from genflow.models.saved import MODEL_FILE
 from genflow.train.loop import BatchSource, NonFiniteLossError, train_worker
 from genflow.track import mlflow as tracking
 from genflow.track.pyfunc import log_sampler

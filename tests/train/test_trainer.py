@@ -12,7 +12,7 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from genflow.train.checkpoint import load_model
+from genflow.models.saved import load_model
 from genflow.train.loop import InMemoryBatches, NonFiniteLossError
 from genflow.train.trainer import train
 
