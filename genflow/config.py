@@ -68,8 +68,10 @@ class TrainParams(StrictModel):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 turns clipping off")
     checkpoint_every: int = Field(100, ge=1)
-    validation_batches: int = Field(2, ge=0, description="test batches scored at each checkpoint (val/*); 0 = none")
+    validation_batches: int = Field(2, ge=0, description="validation batches scored at each checkpoint (val/*); 0 = none")
     log_every: int = Field(10, ge=1)
+    grid_every: int = Field(100, ge=0, description="steps between sample grids; 0 = only at the end")
+    grid_size: int = Field(64, ge=1, description="images in a sample grid")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
     loader_workers: int = Field(1, ge=0)

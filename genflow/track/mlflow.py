@@ -8,7 +8,9 @@ sample grids into that same run by id, so no other rank ever talks to the tracki
 from __future__ import annotations
 
 import os
+import queue
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -123,23 +125,70 @@ def find_finished_run(experiment_id: str, family: str, run_key: str):
 
 
 class RankZeroLogger:
-    """Logs from the rank-0 training worker into the driver's MLflow run."""
+    """Logs from the rank-0 training worker into the driver's MLflow run, off the training thread.
+
+    Every call only queues the work: one background thread talks to the tracking store, so a slow
+    store (SQLite locked by a Tune trial, a remote server) never stalls rank 0, and through the
+    next all-reduce, every other rank. `flush()` waits until everything queued is written (the
+    loop calls it before each checkpoint report and at the end, so nothing is lost); an error of
+    the thread is raised in the training thread by the next call.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self._queue: queue.Queue[Callable[[], Any] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="genflow-mlflow-logger", daemon=True)
+        self._thread.start()
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Values may be tensors: they are read (and a GPU waited for) on the logging thread."""
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        with_retries(lambda: self.client.log_batch(self.run_id, metrics=batch))
+        self._submit(lambda: self.client.log_batch(
+            self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]))
 
     def log_png(self, image: Any, artifact_file: str) -> None:
         """Log a PIL image as a PNG artifact at `artifact_file` (e.g. samples/step_000100.png)."""
-        with_retries(lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
+        self._submit(lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
 
     def set_tag(self, key: str, value: str) -> None:
-        with_retries(lambda: self.client.set_tag(self.run_id, key, value))
+        self._submit(lambda: self.client.set_tag(self.run_id, key, value))
+
+    def flush(self) -> None:
+        """Wait until every queued call is written; raise the logging thread's error, if any."""
+        self._queue.join()
+        self._raise_error()
+
+    def close(self) -> None:
+        """Flush, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_error()
+
+    def _submit(self, action: Callable[[], Any]) -> None:
+        self._raise_error()
+        if not self._thread.is_alive():
+            raise RuntimeError("RankZeroLogger is closed")
+        self._queue.put(action)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise TrackingError(f"logging to MLflow run {self.run_id} failed: {error!r}") from error
+
+    def _work(self) -> None:
+        while True:
+            action = self._queue.get()
+            try:
+                if action is None:
+                    return
+                if self._error is None:  # after an error, drop the rest: it is raised once
+                    with_retries(action)
+            except BaseException as error:  # noqa: BLE001 (handed to the training thread)
+                self._error = error
+            finally:
+                self._queue.task_done()
 
 
 def worker_env(tracking_uri: str) -> dict[str, str]:

@@ -1,38 +1,53 @@
 """The one training loop, run by every Ray Train worker (rank) for every family.
 
-It knows the model protocol (genflow/models/protocol.py), not the family: build the model from
-its typed config, wrap it for DDP, stream batches, step, log from rank 0, checkpoint through
-`ray.train.report` every `checkpoint_every` steps, and resume from `ray.train.get_checkpoint()`
-after a worker failure or when a run of the same name is started again.
+It knows the model protocol (genflow/models/protocol.py), not the family. Per rank:
+
+    setup             the model on its device; on a fresh run `initialize` on every rank's first
+                      batch gathered, on resume the checkpoint's weights, optimisers and this
+                      rank's RNG and training state; the optimisers built on the device; DDP
+    optimisation_step one forward, each named loss back-propagated into its own optimizer's
+                      parameters, per-optimizer clipping, one collective non-finite decision,
+                      the optimisers that have a loss step, `after_step`
+    checkpoint        validation on the held-out split (shared by the ranks), then every rank
+                      writes its part and reports through `ray.train.report`
+
+Rank 0 alone logs (on a background thread, genflow.track.mlflow.RankZeroLogger) and draws the
+sample grids (every `train.grid_every` steps). Nothing here draws from the global RNGs except
+the model itself, and those RNGs are saved per rank: a resumed run repeats an uninterrupted one
+exactly (on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import math
 import random
+import re
 import tempfile
 import time
-from contextlib import nullcontext
-from typing import Any, Callable, Iterable, Iterator, Protocol
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
 import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
-from genflow.config import Params, TrainParams
+from genflow.config import StrictModel, TrainParams
 from genflow.images import image_grid
-from genflow.models.families import get_family
 from genflow.models.protocol import Batch, GenerativeModel
-from genflow.train.checkpoint import restore_training_state, save_checkpoint
+from genflow.train.checkpoint import restore_model, restore_optimizers, restore_rank_state, save_checkpoint
 from genflow.track.mlflow import FAILURE_TAG, RankZeroLogger
-
 
 
 class EpochSource(Protocol):
     """Where a rank's batches come from: the same number of (images, attrs) batches per epoch on
-    every rank, and the same batches for the same epoch (so a resumed run can skip ahead)."""
+    every rank, and the same batches for the same epoch (so a resumed run can skip ahead).
+    `batches_per_epoch` counts the batches that reach a training step (see `batches_from`)."""
 
     batches_per_epoch: int
 
@@ -42,6 +57,25 @@ class EpochSource(Protocol):
 # (rank, world_size, seed, image_range) -> that rank's EpochSource. A plain function, so Ray can
 # ship it to the workers: the shards by default, in-memory tensors in benchmarks and tests.
 BatchSource = Callable[[int, int, int, tuple[float, float]], EpochSource]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every rank needs, built by the driver (genflow.train.trainer.torch_trainer).
+
+    The driver resolves the family to its class and validated config, so a worker never reads
+    params by name and never needs the family table.
+    """
+
+    family: str
+    model_class: type[GenerativeModel]
+    model_config: StrictModel
+    train: TrainParams
+    shards: str
+    tracking_uri: str
+    mlflow_run_id: str
+    batch_source: BatchSource | None = None  # None: the shards' train split
+    validation_source: BatchSource | None = None  # None: the shards' validation split (with no batch_source)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,15 +102,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derived_seed(*parts: int) -> int:
+    """A seed for one (seed, epoch, rank, ...) combination, independent of the others."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+
 def batches_from(source: EpochSource, step: int) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """(epoch, batch) pairs forever, starting where step `step` left off (resume)."""
+    """(epoch, batch) pairs forever, starting where step `step` left off (resume).
+
+    A batch of a single image never reaches a training step (a short last batch can be one: its
+    per-batch statistics, a fitted Gaussian, a minibatch feature, are undefined): it is dropped,
+    and sources count only the batches they train on. Every rank's loader has the same batch
+    sizes, so every rank drops alike.
+    """
     epoch, skip = divmod(step, source.batches_per_epoch)
     while True:
+        trained = 0
         for batch in source.epoch(epoch):
+            if len(batch[0]) < 2:
+                continue
+            trained += 1
             if skip:
                 skip -= 1
                 continue
             yield epoch, batch
+        if trained != source.batches_per_epoch:
+            raise RuntimeError(f"epoch {epoch} gave {trained} training batches, its source promised "
+                               f"{source.batches_per_epoch}: a resumed run would start at the wrong batch")
         epoch += 1
 
 
@@ -86,7 +142,7 @@ class ShardBatches:
     def __init__(self, shards: str, train: TrainParams):
         self.shards, self.train = shards, train
 
-    def __call__(self, rank: int, world_size: int, seed: int, image_range: tuple[float, float]) -> "_LoaderEpochs":
+    def __call__(self, rank: int, world_size: int, seed: int, image_range: tuple[float, float]) -> "LoaderEpochs":
         from genflow.data.loader import train_loader
 
         loader = train_loader(
@@ -98,16 +154,23 @@ class ShardBatches:
             seed=seed,
             image_range=image_range,
         )
-        return _LoaderEpochs(loader)
+        return LoaderEpochs(loader, seed, rank)
 
 
-class _LoaderEpochs:
-    def __init__(self, loader):
-        self.loader = loader
-        self.batches_per_epoch = loader.batches_per_epoch
+class LoaderEpochs:
+    """A train loader's epochs. Each epoch's DataLoader gets its own generator from (seed, epoch,
+    rank): a DataLoader without one draws its workers' base seed from the global torch RNG when
+    it starts, which would shift the model's noise on every epoch start and resume."""
+
+    def __init__(self, loader, seed: int, rank: int):
+        self.loader, self.seed, self.rank = loader, seed, rank
+        stream = loader.dataset
+        # Only the rank's last batch can be short; a single image there is not trained on.
+        self.batches_per_epoch = loader.batches_per_epoch - (stream.samples_per_rank % stream.batch_size == 1)
 
     def epoch(self, index: int):
         self.loader.set_epoch(index)
+        self.loader.generator = torch.Generator().manual_seed(derived_seed(self.seed, index, self.rank))
         return iter(self.loader)
 
 
@@ -138,157 +201,354 @@ class _InMemoryEpochs:
             yield self.data.images[chosen], self.data.attrs[chosen]
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker. `config` is built by genflow.train.trainer."""
-    family: str = config["family"]
-    params = Params(**config["params"])
-    train = params.train
+# --- the optimisation step ------------------------------------------------------------------------
+
+
+@dataclass
+class Optimization:
+    """A model's named optimisers, one LR schedule each, and which training_step key trains which."""
+
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
+    loss_keys: dict[str, str]  # optimizer name -> the training_step key of its loss
+    parameters: dict[str, list[torch.nn.Parameter]]  # every parameter each optimizer holds
+
+    @classmethod
+    def build(cls, model: GenerativeModel, train: TrainParams) -> "Optimization":
+        """Call once the model is on its device (fused optimisers need it there)."""
+        optimizers = model.optimizers(train)
+        if not optimizers:
+            raise ValueError(f"{type(model).__name__}.optimizers() returned no optimizer")
+        single = list(optimizers) == ["main"]
+        return cls(
+            optimizers=optimizers,
+            schedulers={name: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(train)) for name, o in optimizers.items()},
+            loss_keys={name: "loss" if single else f"loss/{name}" for name in optimizers},
+            parameters={name: [p for group in o.param_groups for p in group["params"]] for name, o in optimizers.items()},
+        )
+
+    def trainable(self, name: str) -> list[torch.nn.Parameter]:
+        """The parameters of optimizer `name` that take gradients now (a phase may freeze some)."""
+        return [p for p in self.parameters[name] if p.requires_grad]
+
+
+@dataclass
+class StepResult:
+    outputs: dict[str, torch.Tensor]  # training_step's dict, detached
+    grad_norms: dict[str, torch.Tensor]  # per optimizer that had a loss, before clipping
+    finite: bool  # on every rank: False means no optimizer stepped, anywhere
+
+
+def ddp_options(model: GenerativeModel) -> dict[str, Any]:
+    """DistributedDataParallel's options for a model (what the loop and the contract test wrap with)."""
+    return {"find_unused_parameters": model.find_unused_parameters}
+
+
+def optimisation_step(
+    forward: Callable[[Batch, int], dict[str, torch.Tensor]],
+    model: GenerativeModel,
+    optimization: Optimization,
+    batch: Batch,
+    step: int,
+    *,
+    grad_clip: float,
+    autocast: ContextManager = contextlib.nullcontext(),
+) -> StepResult:
+    """One step of every optimizer that has a loss, from one forward of `forward` (the model, or
+    the DDP-wrapped model, whose gradient hooks then average each gradient over the ranks).
+
+    Each named loss is back-propagated into its own optimizer's parameters only (D's loss never
+    moves G); the graph is kept until the last. Then: each optimizer's gradients clipped to
+    `grad_clip` (0 = no clipping), one all-reduced decision whether every rank's losses and
+    gradient norms are finite (a loss can be NaN on one rank while the averaged gradients are
+    finite: a rank deciding alone would leave the others waiting in the next all-reduce), the
+    optimizers stepped, every LR schedule advanced (the LR follows the global step, also for an
+    optimizer that sat this step out) and `model.after_step(step + 1)`.
+    """
+    with autocast:
+        outputs = forward(batch, step)
+    losses = {name: outputs[key] for name, key in optimization.loss_keys.items() if key in outputs}
+    check_losses(model, optimization, outputs, losses, step)
+    for optimizer in optimization.optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    names = list(losses)
+    # DDP waits for a gradient of every parameter the forward reached (an alternating GAN's G step
+    # reaches D): the last backward also fills those of the optimizers sitting this step out.
+    # Those gradients are never used: their optimizers do not step, and every step starts zeroed.
+    idle = [p for name in optimization.optimizers if name not in losses for p in optimization.trainable(name)]
+    for i, name in enumerate(names):
+        last = i == len(names) - 1
+        losses[name].backward(inputs=optimization.trainable(name) + (idle if last else []), retain_graph=not last)
+    max_norm = grad_clip or float("inf")
+    grad_norms = {name: torch.nn.utils.clip_grad_norm_(optimization.trainable(name), max_norm) for name in names}
+    detached = {key: value.detach() for key, value in outputs.items()}
+    if not all_finite([detached[optimization.loss_keys[name]] for name in names] + list(grad_norms.values())):
+        return StepResult(detached, grad_norms, finite=False)
+    for name in names:
+        optimization.optimizers[name].step()
+    with warnings.catch_warnings():
+        # An optimizer that has not stepped yet (an alternating GAN's first step) makes torch warn
+        # that its schedule stepped first; here that is the intent.
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`"))
+        for scheduler in optimization.schedulers.values():
+            scheduler.step()
+    model.after_step(step + 1)
+    return StepResult(detached, grad_norms, finite=True)
+
+
+def check_losses(model: GenerativeModel, optimization: Optimization, outputs: dict, losses: dict, step: int) -> None:
+    """Clear errors where training_step does not return what the protocol says."""
+    family = type(model).__name__
+    expected = sorted(optimization.loss_keys.values())
+    stray = sorted(k for k in outputs if (k == "loss" or k.startswith("loss/")) and k not in expected)
+    if stray:
+        raise ValueError(f"{family}.training_step returned {stray}, but its optimizers {sorted(optimization.optimizers)} "
+                         f"train the losses {expected} (one optimizer named 'main': 'loss'; else 'loss/NAME' each)")
+    if not losses:
+        raise ValueError(f"{family}.training_step at step {step} returned none of its losses {expected}")
+    if len(losses) < len(optimization.loss_keys) and not model.find_unused_parameters:
+        absent = sorted(set(expected) - {optimization.loss_keys[n] for n in losses})
+        raise ValueError(f"{family}.training_step at step {step} left out {absent}: a family whose steps leave "
+                         "optimizers out sets `find_unused_parameters = True` (DDP needs it)")
+
+
+def all_finite(values: list[torch.Tensor]) -> bool:
+    """Whether every value is finite on every rank: one all-reduced flag, the same answer everywhere."""
+    flag = torch.stack([torch.isfinite(v).all() for v in values]).all().to(torch.float32)
+    if distributed():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_batch(batch: Batch) -> Batch:
+    """Every rank's batch, concatenated in rank order, on every rank (one rank: the batch itself)."""
+    if not distributed():
+        return batch
+    parts = []
+    for tensor in batch:
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        parts.append(torch.cat(gathered))
+    return Batch(*parts)
+
+
+# --- one rank's run -------------------------------------------------------------------------------
+
+
+@dataclass
+class RankRun:
+    """What `setup` gives one rank to train with."""
+
+    model: GenerativeModel
+    forward: Callable[[Batch, int], dict[str, torch.Tensor]]  # DDP-wrapped (and compiled) model
+    optimization: Optimization
+    step: int  # steps completed
+    batches: Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]
+    batches_per_epoch: int
+    device: torch.device
+    autocast: ContextManager
+
+
+def train_worker(config: WorkerConfig) -> None:
+    """Ray Train's train_loop_per_worker (bound to its config by genflow.train.trainer)."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    seed_everything(train.seed + rank)
+    train = config.train
+    run = setup(config, rank, world_size)
+    logger = RankZeroLogger(config.tracking_uri, config.mlflow_run_id) if rank == 0 else None
+    try:
+        if logger:
+            logger.log_metrics({"train/start_step": run.step}, run.step)
+        held_out = held_out_batches(config, run.model.image_range)
+        monitored = torch.tensor(float("nan"))
+        window_start, window_steps, rank0_seconds = time.perf_counter(), 0, 0.0
+        while run.step < train.max_steps:
+            _, (images, attrs) = next(run.batches)
+            batch = to_device(images, attrs, run.device)
+            result = optimisation_step(run.forward, run.model, run.optimization, batch, run.step,
+                                       grad_clip=train.grad_clip, autocast=run.autocast)
+            if not result.finite:
+                if logger:
+                    values = {k: float(v) for k, v in result.outputs.items()}
+                    norms = {k: float(v) for k, v in result.grad_norms.items()}
+                    logger.set_tag(FAILURE_TAG, f"non-finite loss at step {run.step} (on some rank): rank 0 saw "
+                                                f"{values}, gradient norms {norms}")
+                # Every rank returns here at the same step (the decision is collective). Returning,
+                # not raising, keeps Ray from retrying a run that would fail the same way; the
+                # driver reads the failure tag and raises NonFiniteLossError.
+                return
+            run.step += 1
+            window_steps += 1
+            monitored = result.outputs.get(run.model.monitor, monitored)
 
+            if logger:
+                started = time.perf_counter()
+                if run.step % train.log_every == 0 or run.step == train.max_steps:
+                    elapsed = started - window_start
+                    metrics: dict[str, Any] = {f"train/{k}": v for k, v in result.outputs.items()}
+                    for name, norm in result.grad_norms.items():
+                        metrics["train/grad_norm" if name == "main" else f"train/grad_norm/{name}"] = norm
+                    for name, scheduler in run.optimization.schedulers.items():
+                        metrics["train/lr" if name == "main" else f"train/lr/{name}"] = scheduler.get_last_lr()[0]
+                    metrics["train/images_per_s"] = window_steps * train.batch_size * world_size / elapsed
+                    metrics["train/epoch"] = run.step / run.batches_per_epoch
+                    # The share of the window rank 0 spent on its own work (logging, grids), which
+                    # every other rank waits for at the next all-reduce.
+                    metrics["train/rank0_overhead"] = rank0_seconds / elapsed
+                    logger.log_metrics(metrics, run.step)
+                    window_start, window_steps, rank0_seconds = time.perf_counter(), 0, 0.0
+                if (train.grid_every and run.step % train.grid_every == 0) or run.step == train.max_steps:
+                    log_grids(logger, run.model, batch, run.step, train)
+                rank0_seconds += time.perf_counter() - started
+            if run.step % train.checkpoint_every == 0 or run.step == train.max_steps:
+                checkpoint(config, run, rank, world_size, held_out, monitored, logger)
+    finally:
+        if logger:
+            logger.close()
+
+
+def setup(config: WorkerConfig, rank: int, world_size: int) -> RankRun:
+    """The model on this rank's device, fresh or resumed, wrapped for DDP; its optimisers; its batches."""
+    train = config.train
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    model_class = get_family(family)
-    model: GenerativeModel = model_class(params.family_config(family))
+    torch.manual_seed(train.seed)  # the same initial weights on every rank, before `initialize`
+    model = config.model_class(config.model_config).to(device)
     if on_gpu:
         # NHWC convolutions are what tensor cores are fast at.
         model = model.to(memory_format=torch.channels_last)
-    # The optimisers must hold the parameters that DDP will keep in sync, so build them first.
-    optimizers = model.optimizers(train)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(train)) for o in optimizers]
-    step = 0
+    seed_everything(derived_seed(train.seed, rank))  # each rank its own noise
+    make_source = config.batch_source or ShardBatches(config.shards, train)
+    source = make_source(rank, world_size, train.seed, model.image_range)
+
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            step = restore_training_state(directory, model=model, optimizers=optimizers, schedulers=schedulers, rank=rank)
-    wrapped = ray.train.torch.prepare_model(model)  # DDP when world_size > 1 (gloo on CPU, NCCL on GPU)
-    # The optimiser states were loaded on the CPU; move them with the parameters.
-    for optimizer in optimizers:
-        for state in optimizer.state.values():
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    state[key] = value.to(device)
-    forward = torch.compile(wrapped) if train.compile else wrapped
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and train.bf16 else nullcontext()
+            restore_model(directory, model)
+            optimization = Optimization.build(model, train)
+            step = restore_optimizers(directory, optimization.optimizers, optimization.schedulers)
+            restore_rank_state(directory, model, rank)
+        batches = batches_from(source, step)
+    else:
+        step, batches = 0, batches_from(source, 0)
+        first = next(batches)
+        model.initialize(gather_batch(to_device(*first[1], device)))
+        batches = itertools.chain([first], batches)
+        optimization = Optimization.build(model, train)
+    # DDP when world_size > 1 (gloo on CPU, NCCL on GPU); it broadcasts rank 0's weights.
+    wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(model))
+    return RankRun(
+        model=model,
+        forward=torch.compile(wrapped) if train.compile else wrapped,
+        optimization=optimization,
+        step=step,
+        batches=batches,
+        batches_per_epoch=source.batches_per_epoch,
+        device=device,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and train.bf16 else contextlib.nullcontext(),
+    )
 
-    logger = RankZeroLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+
+def to_device(images: torch.Tensor, attrs: torch.Tensor, device: torch.device) -> Batch:
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return Batch(images, attrs.to(device, non_blocking=True))
+
+
+# --- checkpoints, validation, grids ---------------------------------------------------------------
+
+
+def checkpoint(config: WorkerConfig, run: RankRun, rank: int, world_size: int, held_out: list,
+               monitored: torch.Tensor, logger: RankZeroLogger | None) -> None:
+    """Score the held-out batches, then every rank writes its part of the checkpoint and reports.
+
+    Every rank reports (a barrier, and the same number of calls on every rank, as Ray requires);
+    Ray merges the ranks' directories. Rank 0's report, the one Ray Tune receives, carries the
+    family's monitored loss and the validation metrics.
+    """
+    validation = validation_metrics(run.model, held_out, run.device, config.train.seed, rank, world_size)
     if logger:
-        logger.log_metrics({"train/start_step": step}, step)
-
-    make_source: BatchSource = config["batch_source"] or ShardBatches(config["shards"], train)
-    source = make_source(rank, world_size, train.seed, model.image_range)
-    steps_per_epoch = source.batches_per_epoch
-    # Rank 0 scores the checkpoints (its report is the one Ray Tune receives).
-    held_out = held_out_batches(config, train, model.image_range) if rank == 0 else []
-    batches = batches_from(source, step)
-    params_to_clip = [p for p in model.parameters() if p.requires_grad]
-    window_start, window_steps = time.perf_counter(), 0
-
-    while step < train.max_steps:
-        _, (images, attrs) = next(batches)
-        images = images.to(device, non_blocking=True)
-        if on_gpu:
-            images = images.contiguous(memory_format=torch.channels_last)
-        batch = Batch(images, attrs.to(device, non_blocking=True))
-        with autocast:
-            losses = forward(batch, step)
-        loss = losses["loss"]
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # After DDP's all-reduce the gradients, and so their norm, are the same on every rank:
-        # a NaN on any rank is seen by all at the same step, and all stop together
-        # (no rank waits forever in a collective, no checkpoint is written).
-        grad_norm = torch.nn.utils.clip_grad_norm_(params_to_clip, train.grad_clip or float("inf"))
-        losses = {k: v.detach() for k, v in losses.items()}
-        if not (torch.isfinite(grad_norm) and torch.isfinite(losses["loss"])):
-            if logger:
-                values = {k: float(v) for k, v in losses.items()}
-                logger.set_tag(FAILURE_TAG, f"non-finite loss at step {step}: {values}")
-            # Returning (not raising) keeps Ray from retrying a run that would fail the same way;
-            # the driver reads the failure tag and raises NonFiniteLossError.
-            return
-        for optimizer, scheduler in zip(optimizers, schedulers):
-            optimizer.step()
-            scheduler.step()
-        step += 1
-        window_steps += 1
-
-        if logger and (step % train.log_every == 0 or step == train.max_steps):
-            elapsed = time.perf_counter() - window_start
-            metrics = {f"train/{k}": float(v) for k, v in losses.items()}
-            metrics["train/grad_norm"] = float(grad_norm)
-            metrics["train/lr"] = schedulers[0].get_last_lr()[0]
-            metrics["train/images_per_s"] = window_steps * train.batch_size * world_size / elapsed
-            metrics["train/epoch"] = step / steps_per_epoch
-            logger.log_metrics(metrics, step)
-            window_start, window_steps = time.perf_counter(), 0
-        if logger and (step % steps_per_epoch == 0 or step == train.max_steps):
-            log_grids(logger, model, batch, step, train.seed)
-        if step % train.checkpoint_every == 0 or step == train.max_steps:
-            validation = validation_metrics(model, held_out, device, train.seed)
-            if logger and validation:
-                logger.log_metrics(validation, step)
-            report_checkpoint(family, model, optimizers, schedulers, step, rank, {"loss": float(losses["loss"]), **validation})
+        if validation:
+            logger.log_metrics(validation, run.step)
+        logger.flush()  # what was logged up to the checkpoint is in MLflow when Ray records it
+    metrics = {"step": run.step, run.model.monitor: float(monitored), **validation}
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(directory, family=config.family, model=run.model, optimizers=run.optimization.optimizers,
+                        schedulers=run.optimization.schedulers, step=run.step, rank=rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def log_grids(logger: RankZeroLogger, model: GenerativeModel, batch: Batch, step: int, seed: int) -> None:
-    """Sample grid (fixed noise, so grids are comparable across steps) and, where the family
-    reconstructs, originals above reconstructions."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    cond = batch.attrs[:64] if model.conditional else None
-    samples = model.sample(len(cond) if cond is not None else 64, cond=cond, generator=generator)
-    logger.log_png(image_grid(samples, columns=8), f"samples/step_{step:07d}.png")
-    reconstruct = getattr(model, "reconstruct", None)
-    if reconstruct is not None:
-        originals = batch.images[:8]
-        with torch.no_grad():
-            pair = torch.cat([model.to_uint8(originals), reconstruct(originals)])
-        logger.log_png(image_grid(pair, columns=len(originals)), f"reconstructions/step_{step:07d}.png")
-    model.train(was_training)
-
-
-def held_out_batches(config: dict[str, Any], train: TrainParams, image_range: tuple[float, float]) -> list:
-    """The first `train.validation_batches` batches of the test split (of config["validation_source"]
-    in benchmarks and tests), the same ones at every checkpoint."""
+def held_out_batches(config: WorkerConfig, image_range: tuple[float, float]) -> list:
+    """The first `train.validation_batches` batches of the validation split (of
+    config.validation_source in benchmarks and tests), the same ones at every checkpoint."""
+    train = config.train
     if not train.validation_batches:
         return []
-    if config.get("validation_source") is not None:
-        epochs = config["validation_source"](0, 1, train.seed, image_range)
+    if config.validation_source is not None:
+        epochs = config.validation_source(0, 1, train.seed, image_range)
         return list(itertools.islice(epochs.epoch(0), train.validation_batches))
-    if config.get("batch_source") is not None:
+    if config.batch_source is not None:
         return []  # in-memory training data and no held-out source: nothing to score
     from genflow.data.loader import eval_loader
 
-    return list(eval_loader(config["shards"], batch_size=train.batch_size, image_range=image_range,
-                            limit_batches=train.validation_batches))
+    loader = eval_loader(config.shards, split="validation", batch_size=train.batch_size, image_range=image_range,
+                         limit_batches=train.validation_batches)
+    loader.generator = torch.Generator().manual_seed(train.seed)  # not the global RNG (see LoaderEpochs)
+    return list(loader)
 
 
 @torch.no_grad()
-def validation_metrics(model: GenerativeModel, batches: list, device: torch.device, seed: int) -> dict[str, float]:
-    """`model.evaluate` averaged over held-out batches, as val/NAME: what a search compares across
-    trials (the training loss is not comparable across, e.g., KL weights). Its noise comes from a
-    fixed seed, apart from training's random stream, so every checkpoint is scored alike."""
+def validation_metrics(model: GenerativeModel, batches: list, device: torch.device, seed: int,
+                       rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """`model.evaluate` averaged over the held-out batches, as val/NAME: what a search compares
+    across trials (the training loss is not comparable across, e.g., KL weights).
+
+    The ranks share the batches (rank r scores batches r, r + world_size, ...) and gather the
+    sums, so no rank idles while another scores. Batch i's noise comes from (seed, i) and is
+    forked off training's random stream: every checkpoint, whatever the number of ranks, is
+    scored alike, and scoring does not change the training that follows.
+    """
     if not batches:
         return {}
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for images, attrs in batches:
+        for i in range(rank, len(batches), world_size):
+            torch.manual_seed(derived_seed(seed, i))
+            images, attrs = batches[i]
             for name, value in model.evaluate(Batch(images.to(device), attrs.to(device))).items():
                 totals[name] = totals.get(name, 0.0) + float(value)
     model.train(was_training)
-    return {f"val/{name}": total / len(batches) for name, total in totals.items()}
+    if distributed():
+        every_rank: list[dict[str, float]] = [{} for _ in range(world_size)]
+        dist.all_gather_object(every_rank, totals)
+        totals = {name: sum(t.get(name, 0.0) for t in every_rank) for name in set().union(*every_rank)}
+    return {f"val/{name}": total / len(batches) for name, total in sorted(totals.items())}
 
 
-def report_checkpoint(family, model, optimizers, schedulers, step: int, rank: int, metrics: dict[str, float]) -> None:
-    # Every rank reports (a barrier, and the same number of calls on every rank, as Ray requires);
-    # each writes its part, Ray merges the directories.
-    with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint(directory, family=family, model=model, optimizers=optimizers, schedulers=schedulers, step=step, rank=rank)
-        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+def log_grids(logger: RankZeroLogger, model: GenerativeModel, batch: Batch, step: int, train: TrainParams) -> None:
+    """Sample grid (fixed noise, so grids are comparable across steps) and, where the family
+    reconstructs, originals above reconstructions. Forked off training's random stream, so how
+    often grids are drawn does not change training."""
+    was_training = model.training
+    model.eval()
+    device = model.device()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(train.seed)
+        generator = torch.Generator(device).manual_seed(train.seed)
+        n = train.grid_size
+        cond = batch.attrs[torch.arange(n, device=device) % len(batch.attrs)] if model.conditional else None
+        samples = model.sample(n, cond=cond, generator=generator)
+        logger.log_png(image_grid(samples, columns=math.ceil(math.sqrt(n))), f"samples/step_{step:07d}.png")
+        originals = batch.images[:8]
+        reconstructions = model.reconstruct(originals)
+        if reconstructions is not None:
+            pair = torch.cat([model.to_uint8(originals), reconstructions])
+            logger.log_png(image_grid(pair, columns=len(originals)), f"reconstructions/step_{step:07d}.png")
+    model.train(was_training)

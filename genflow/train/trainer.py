@@ -10,6 +10,7 @@ starts a new run. `train.run_name` names a run explicitly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,15 +25,16 @@ from ray.train.torch import TorchTrainer
 
 from genflow._telemetry import TELEMETRY_OFF
 from genflow.config import Params, RayParams, flatten
+from genflow.models.families import get_family
 from genflow.models.saved import MODEL_FILE
-from genflow.train.loop import BatchSource, NonFiniteLossError, train_worker
+from genflow.train.loop import BatchSource, NonFiniteLossError, WorkerConfig, train_worker
 from genflow.track import mlflow as tracking
 from genflow.track.pyfunc import log_sampler
 
 # Params that change how a run is executed or watched, not what it computes: a run resumed
 # with other values of these is the same run.
 OPERATIONAL_KEYS = {"workers", "gpu", "cpus_per_worker", "max_failures", "loader_workers", "log_every",
-                    "checkpoint_every", "storage_path", "run_name", "max_steps"}
+                    "checkpoint_every", "storage_path", "run_name", "max_steps", "grid_every", "grid_size"}
 
 
 @dataclass
@@ -133,17 +135,19 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: Path, trac
                   batch_source: BatchSource | None = None, validation_source: BatchSource | None = None,
                   callbacks: list | None = None) -> TorchTrainer:
     """The Ray Train TorchTrainer of one run (used by `train` and by each Tune trial)."""
+    worker = WorkerConfig(
+        family=family,
+        model_class=get_family(family),
+        model_config=params.family_config(family),
+        train=params.train,
+        shards=str(Path(params.data.shards).resolve()),
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+        batch_source=batch_source,
+        validation_source=validation_source,
+    )
     return TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "family": family,
-            "params": params.model_dump(),
-            "shards": str(Path(params.data.shards).resolve()),
-            "tracking_uri": tracking_uri,
-            "mlflow_run_id": mlflow_run_id,
-            "batch_source": batch_source,
-            "validation_source": validation_source,
-        },
+        functools.partial(train_worker, worker),
         scaling_config=ray.train.ScalingConfig(
             num_workers=params.train.workers,
             use_gpu=params.train.gpu,

@@ -144,6 +144,6 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints_clean(ray_l
     checkpoints = checkpoint_dirs(Path(params.train.storage_path, "nan"))
     assert checkpoints
     for checkpoint in checkpoints:
-        saved = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        saved = torch.load(checkpoint / "optimizers.pt", weights_only=False)
         assert saved["step"] <= 3
         assert all(torch.isfinite(v).all() for v in load_model(checkpoint).state_dict().values() if v.is_floating_point())
