@@ -1,12 +1,21 @@
-"""The worker loop's pieces that need no Ray: LR schedule, resume position, in-memory batches."""
+"""The worker loop's pieces that need no Ray: LR schedule, resume position, batch sources, short
+batches, the loader's RNG, and the collective non-finite stop on 2 gloo ranks."""
 
+import datetime
+import itertools
+import json
 import math
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from genflow.config import TrainParams
-from genflow.train.loop import InMemoryBatches, batches_from, lr_lambda
+from genflow.models.protocol import Batch, GenerativeModel
+from genflow.train.loop import InMemoryBatches, Optimization, ShardBatches, batches_from, lr_lambda, optimisation_step
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -43,3 +52,102 @@ def test_resume_position_skips_to_the_same_batch():
         epoch, (batch, _) = next(resumed)
         assert epoch == expected[0] == 1
         assert torch.equal(batch, expected[1][0])
+
+
+# --- short batches, loader RNG ------------------------------------------------------------------
+
+
+class ListEpochs:
+    """An epoch source over fixed batch sizes (the same every epoch)."""
+
+    def __init__(self, sizes, batches_per_epoch):
+        self.sizes, self.batches_per_epoch = sizes, batches_per_epoch
+
+    def epoch(self, index):
+        for i, size in enumerate(self.sizes):
+            yield torch.full((size, 3, 2, 2), float(index * 100 + i)), torch.zeros(size, 40)
+
+
+def test_short_batch_single_image_never_reaches_a_training_step_and_resume_counts_without_it():
+    source = ListEpochs([4, 4, 1], batches_per_epoch=2)
+    straight = [(epoch, int(images[0, 0, 0, 0])) for epoch, (images, _) in itertools.islice(batches_from(source, 0), 6)]
+    assert straight == [(0, 0), (0, 1), (1, 100), (1, 101), (2, 200), (2, 201)]
+    resumed = [(epoch, int(images[0, 0, 0, 0])) for epoch, (images, _) in itertools.islice(batches_from(source, 3), 3)]
+    assert resumed == straight[3:]
+
+
+def test_a_source_that_miscounts_its_batches_is_an_error_not_a_silent_resume_shift():
+    with pytest.raises(RuntimeError, match="promised 3"):
+        list(itertools.islice(batches_from(ListEpochs([4, 4, 1], batches_per_epoch=3), 0), 5))
+
+
+def test_shard_epochs_drop_a_last_batch_of_one_image(shards):
+    # 70 = 3 * 23 + 1: the loader's fourth batch would be a single image.
+    source = ShardBatches(str(shards), TrainParams(batch_size=23, loader_workers=0))(0, 1, 0, (0.0, 1.0))
+    assert source.batches_per_epoch == 3
+    sizes = [len(images) for _, (images, _) in itertools.islice(batches_from(source, 0), 6)]
+    assert sizes == [23] * 6
+
+
+def test_starting_an_epoch_draws_nothing_from_the_global_torch_rng(shards):
+    # A DataLoader without its own generator draws its workers' base seed from the global RNG
+    # when an epoch starts: the model's noise then depends on where a run was resumed.
+    source = ShardBatches(str(shards), TrainParams(batch_size=8, loader_workers=1))(1, 2, 0, (0.0, 1.0))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = next(iter(source.epoch(3)))
+    assert torch.equal(torch.get_rng_state(), before)
+    again = next(iter(source.epoch(3)))
+    assert torch.equal(first[0], again[0])
+
+
+# --- the collective non-finite decision ---------------------------------------------------------
+
+
+class NaNOnRankOne(GenerativeModel):
+    """A one-parameter model whose reported loss is NaN on rank 1 from step 1 on, while its
+    gradient stays finite (the NaN is a constant term, as a loss term that overflowed in a
+    quantity with no gradient): the all-reduced gradients alone would never show it."""
+
+    config_class = TrainParams  # any StrictModel; the model has no hyperparameters
+    primary_metric = "loss"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch, step):
+        loss = (self.weight * batch.images.mean() - 1).square()
+        if dist.get_rank() == 1 and step >= 1:
+            loss = loss + float("nan")
+        return {"loss": loss}
+
+
+def _nan_rank(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    model = NaNOnRankOne(TrainParams())
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    optimization = Optimization.build(model, TrainParams(lr_schedule="constant"))
+    batch = Batch(torch.rand(2, 3, 4, 4), torch.zeros(2, 40))
+    finite = [optimisation_step(wrapped, model, optimization, batch, step, grad_clip=1.0).finite for step in range(3)]
+    # A further collective: had the ranks decided apart, one would be waiting here for the other.
+    dist.barrier()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"finite": finite, "weight": model.weight.item()}))
+    dist.destroy_process_group()
+
+
+def test_non_finite_loss_on_one_rank_only_stops_every_rank_at_the_same_step(tmp_path):
+    context = mp.start_processes(_nan_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    try:
+        while not context.join(timeout=2):
+            assert time.monotonic() < deadline, "a rank hung: the non-finite decision was not collective"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["finite"] == ranks[1]["finite"] == [True, False, False]
+    assert ranks[0]["weight"] == ranks[1]["weight"]  # no optimizer stepped on the NaN step, on either rank

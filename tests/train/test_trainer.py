@@ -13,7 +13,7 @@ import ray.cloudpickle
 import torch
 
 from genflow.models.saved import load_model
-from genflow.train.loop import InMemoryBatches, NonFiniteLossError
+from genflow.train.loop import InMemoryBatches, NonFiniteLossError, ShardBatches
 from genflow.train.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,28 @@ class NaNAfter(InMemoryBatches):
         def epoch(index):
             for i, (images, attrs) in enumerate(plain_epoch(index)):
                 yield (images * float("nan") if i >= self.bad else images), attrs
+
+        epochs.epoch = epoch
+        return epochs
+
+
+class CrashOnce:
+    """The shards' batches, but rank 0 crashes (raises) the first time it reaches batch `index`
+    of epoch `epoch`; a marker file makes it once per test, across Ray's restart of the workers."""
+
+    def __init__(self, shards, train, epoch, index, marker):
+        self.inner, self.epoch, self.index, self.marker = ShardBatches(str(shards), train), epoch, index, Path(marker)
+
+    def __call__(self, rank, world_size, seed, image_range):
+        epochs = self.inner(rank, world_size, seed, image_range)
+        plain_epoch = epochs.epoch
+
+        def epoch(index):
+            for i, batch in enumerate(plain_epoch(index)):
+                if rank == 0 and (index, i) == (self.epoch, self.index) and not self.marker.exists():
+                    self.marker.touch()
+                    raise RuntimeError("a worker crash, staged by the test")
+                yield batch
 
         epochs.epoch = epoch
         return epochs
@@ -147,3 +169,22 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints_clean(ray_l
         saved = torch.load(checkpoint / "optimizers.pt", weights_only=False)
         assert saved["step"] <= 3
         assert all(torch.isfinite(v).all() for v in load_model(checkpoint).state_dict().values() if v.is_floating_point())
+
+
+def test_resume_mid_epoch_after_a_crash_is_bit_exact(ray_local, tiny_params, shards, tmp_path):
+    # 70 images, 2 ranks of 35, batches of 4: 9 batches an epoch (the last of 3). Checkpoints at
+    # steps 5 and 10; rank 0 crashes fetching step 12's batch (epoch 1, batch 3), so the run
+    # resumes at step 10: mid-epoch (epoch 1, batch 1), between checkpoints, with a DataLoader
+    # worker per rank and the VAE drawing noise from every rank's own RNG.
+    common = ["train.workers=2", "train.batch_size=4", "train.max_steps=14", "train.checkpoint_every=5",
+              "train.loader_workers=1", "train.max_failures=1"]
+    straight = train("vae", tiny_params(*common, "train.run_name=straight"),
+                     batch_source=ShardBatches(str(shards), tiny_params(*common).train), dataset_digest="exact")
+    crashed = train("vae", tiny_params(*common, "train.run_name=crashed"),
+                    batch_source=CrashOnce(shards, tiny_params(*common).train, 1, 3, tmp_path / "crashed"),
+                    dataset_digest="exact")
+    assert (tmp_path / "crashed").exists()
+    assert start_steps(crashed.mlflow_run_id) == [0, 10]
+    a, b = final_weights(straight), final_weights(crashed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
