@@ -391,8 +391,9 @@ def test_one_step_on_two_ddp_ranks_equals_one_rank_on_the_combined_batch(name, d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["toy-gan", "toy-gan-alternating"])
-def test_two_optimizer_families_train_on_two_ray_workers(name, ray_local, tiny_params, monkeypatch):
+def test_an_alternating_two_optimizer_family_trains_on_two_ray_workers(ray_local, tiny_params, monkeypatch):
+    # The alternating GAN is the joint one plus steps that leave an optimizer out: it covers both.
+    name = "toy-gan-alternating"
     from genflow.models.saved import load_model
     from genflow.train.trainer import train
 

@@ -1,0 +1,57 @@
+"""Rank-0 logging: queued off the training thread, nothing lost, errors surface."""
+
+import threading
+
+import pytest
+from mlflow import MlflowClient
+
+from genflow.track.mlflow import RankZeroLogger, TrackingError
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating one takes seconds)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(uri)
+    return uri, client, client.create_experiment("logger", artifact_location=(folder / "artifacts").as_uri())
+
+
+@pytest.fixture
+def run(store):
+    uri, client, experiment = store
+    return uri, client, client.create_run(experiment).info.run_id
+
+
+def test_every_queued_metric_and_tag_is_written_by_flush(run):
+    uri, client, run_id = run
+    logger = RankZeroLogger(uri, run_id)
+    for step in range(25):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    logger.set_tag("genflow.note", "written")
+    logger.flush()
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(25))
+    assert client.get_run(run_id).data.tags["genflow.note"] == "written"
+    logger.log_metrics({"train/last": 3.0}, 25)
+    logger.close()  # close flushes too
+    assert client.get_metric_history(run_id, "train/last")[0].value == 3.0
+
+
+def test_logging_does_not_wait_for_the_store(run):
+    uri, _, run_id = run
+    logger = RankZeroLogger(uri, run_id)
+    release = threading.Event()
+    logger._submit(release.wait)  # a store that hangs until released
+    logger.log_metrics({"train/loss": 1.0}, 0)  # returns at once, queued behind the hung call
+    assert logger._queue.unfinished_tasks == 2
+    release.set()
+    logger.close()
+
+
+def test_an_error_on_the_logging_thread_is_raised_in_the_training_thread(run):
+    uri, _, _ = run
+    logger = RankZeroLogger(uri, "no-such-run")
+    logger.log_metrics({"train/loss": 1.0}, 0)
+    with pytest.raises(TrackingError, match="no-such-run"):
+        logger.flush()
+    logger.close()
