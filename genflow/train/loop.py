@@ -425,9 +425,9 @@ def setup(config: WorkerConfig, rank: int, world_size: int) -> RankRun:
     make_source = config.batch_source or ShardBatches(config.shards, train)
     source = make_source(rank, world_size, train.seed, model.image_range)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
+    resume_from = ray.train.get_checkpoint()
+    if resume_from:
+        with resume_from.as_directory() as directory:
             restore_model(directory, model)
             optimization = Optimization.build(model, train)
             step = restore_optimizers(directory, optimization.optimizers, optimization.schedulers)

@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 
 from genflow.config import TrainParams
 from genflow.models.protocol import Batch, GenerativeModel
-from genflow.train.loop import InMemoryBatches, Optimization, ShardBatches, batches_from, lr_lambda, optimisation_step
+from genflow.train.loop import (InMemoryBatches, Optimization, ShardBatches, batches_from, gather_batch, lr_lambda,
+                                optimisation_step)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -123,7 +124,7 @@ class NaNOnRankOne(GenerativeModel):
         return {"loss": loss}
 
 
-def _nan_rank(rank, store, out):
+def _two_ranks(rank, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     model = NaNOnRankOne(TrainParams())
@@ -133,12 +134,19 @@ def _nan_rank(rank, store, out):
     finite = [optimisation_step(wrapped, model, optimization, batch, step, grad_clip=1.0).finite for step in range(3)]
     # A further collective: had the ranks decided apart, one would be waiting here for the other.
     dist.barrier()
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"finite": finite, "weight": model.weight.item()}))
+    gathered = gather_batch(Batch(torch.full((2, 1), float(rank)), torch.full((2, 40), float(rank))))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "finite": finite, "weight": model.weight.item(),
+        "gathered": gathered.images.flatten().tolist(), "gathered_attrs": gathered.attrs[:, 0].tolist(),
+    }))
     dist.destroy_process_group()
 
 
-def test_non_finite_loss_on_one_rank_only_stops_every_rank_at_the_same_step(tmp_path):
-    context = mp.start_processes(_nan_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """What each of 2 spawned gloo ranks saw (spawned once for the tests below)."""
+    folder = tmp_path_factory.mktemp("two-ranks")
+    context = mp.start_processes(_two_ranks, args=(str(folder / "store"), str(folder)), nprocs=2,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     try:
@@ -148,6 +156,14 @@ def test_non_finite_loss_on_one_rank_only_stops_every_rank_at_the_same_step(tmp_
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    assert ranks[0]["finite"] == ranks[1]["finite"] == [True, False, False]
-    assert ranks[0]["weight"] == ranks[1]["weight"]  # no optimizer stepped on the NaN step, on either rank
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_non_finite_loss_on_one_rank_only_stops_every_rank_at_the_same_step(two_ranks):
+    assert two_ranks[0]["finite"] == two_ranks[1]["finite"] == [True, False, False]
+    assert two_ranks[0]["weight"] == two_ranks[1]["weight"]  # no optimizer stepped on the NaN step, on either rank
+
+
+def test_every_rank_initialises_on_the_same_gathered_batch(two_ranks):
+    for rank in two_ranks:
+        assert rank["gathered"] == [0.0, 0.0, 1.0, 1.0] and rank["gathered_attrs"] == [0.0, 0.0, 1.0, 1.0]
