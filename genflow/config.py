@@ -96,6 +96,7 @@ class EvaluateParams(StrictModel):
     batches: int = Field(8, ge=1, description="test batches evaluated")
     batch_size: int = Field(64, ge=1)
     sample_n: int = Field(64, ge=1)
+    seed: int = Field(0, description="the noise of stochastic metrics (a VAE's ELBO): versions are scored alike")
 
 
 class Params(StrictModel):

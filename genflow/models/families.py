@@ -14,6 +14,9 @@ _FAMILIES: dict[str, str] = {
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
 
+# Registered models are named REGISTERED_PREFIX + family (celeba64-vae).
+REGISTERED_PREFIX = "celeba64-"
+
 
 def get_family(name: str):
     """The model class of a family, or a clear error listing the known ones."""
@@ -28,4 +31,13 @@ def get_family(name: str):
 def registered_name(family: str) -> str:
     """The MLflow registered-model name of a family."""
     get_family(family)
-    return f"celeba64-{family}"
+    return REGISTERED_PREFIX + family
+
+
+def family_of_registered(model_name: str) -> str:
+    """The family of a registered-model name (the inverse of `registered_name`), or a clear error."""
+    if not model_name.startswith(REGISTERED_PREFIX):
+        raise ValueError(f"{model_name}: genflow models are named {REGISTERED_PREFIX}FAMILY")
+    family = model_name[len(REGISTERED_PREFIX):]
+    get_family(family)
+    return family

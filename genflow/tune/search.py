@@ -39,8 +39,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from genflow.config import Params, ParamsError, flatten
 from genflow.train.loop import BatchSource, NonFiniteLossError
-from genflow.train.trainer import ensure_ray, run_key, torch_trainer
+from genflow.train.trainer import ensure_ray, torch_trainer
 from genflow.track import mlflow as tracking
+from genflow.track.identity import run_key
 from genflow.track.mlflow import with_retries
 from genflow.tune import report
 from genflow.tune.space import SearchSettings, SearchSpace, overrides, search_settings, trial_base, trial_params
@@ -317,8 +318,7 @@ def search_name(family: str, params: Params, settings: SearchSettings, dataset_d
     """`tune-FAMILY-DIGEST`: the digest of what decides the search's result, so that the same
     params find (and resume) the same search, and changed ones start a new one."""
     content = {
-        "run": run_key(family, params, dataset_digest),
-        "max_steps": params.train.max_steps,
+        "run": run_key(family, params, dataset_digest),  # max_steps and the workers included
         "search": settings.model_dump(mode="json", exclude=OPERATIONAL_SETTINGS),
     }
     return f"tune-{family}-{hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]}"
