@@ -29,8 +29,9 @@ def test_pyfunc_signature_keeps_the_optional_attrs_column(tmp_path):
     # Issue 8 #12: MLflow drops input columns the signature does not name, so `attrs` never
     # reached predict and a conditional model could not be conditioned through the pyfunc.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = mlflow.create_experiment("pyfunc", artifact_location=(tmp_path / "artifacts").as_uri())
     save_model(tmp_path / "model.pt", "vae", VAE(VAEConfig(**TINY_CONFIGS["vae"])))
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment):
         info = log_sampler(tmp_path / "model.pt", 64)
     loaded = mlflow.pyfunc.load_model(info.model_uri)
     assert loaded.predict(pd.DataFrame({"n": [2], "seed": [0]})).shape == (2, 3, 64, 64)  # attrs is optional
