@@ -1,12 +1,17 @@
 """The table family name -> model class. Nothing else in genflow knows family names.
 
-Entries are import paths, so that reading params does not import every model.
-A family is listed here once it is built; the CLI, DVC's foreach and the registry follow.
+Entries are import paths, so that importing the table imports no model. A family is listed here
+once it is built; the CLI, DVC's foreach (dvc.yaml's `families`, kept equal by a test) and the
+registry follow. Imported, the table registers the families' config classes with genflow.config,
+which then validates every `models.FAMILY` section as params are read.
 """
 
 from __future__ import annotations
 
 import importlib
+from functools import partial
+
+from genflow.config import register_family_configs
 
 _FAMILIES: dict[str, str] = {
     "vae": "genflow.models.vae:VAE",
@@ -26,6 +31,14 @@ def get_family(name: str):
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILY_NAMES)}") from None
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def config_class(family: str):
+    """The typed config class of a family (imports that family's model)."""
+    return get_family(family).config_class
+
+
+register_family_configs({name: partial(config_class, name) for name in FAMILY_NAMES})
 
 
 def registered_name(family: str) -> str:

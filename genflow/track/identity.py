@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from genflow.config import Params, ParamsError, flatten
+from genflow.models import families  # noqa: F401  (registers the family configs that run_identity reads)
 from genflow.track import mlflow as tracking
 
 # Params that change how a run is executed or watched, not what it computes: a run resumed
