@@ -3,14 +3,19 @@
 The defaults below are the embedded defaults: genflow runs with no params.yaml at all, and
 the params.yaml shipped in the project repeats them so that DVC can track each one.
 A family's own hyperparameters are declared next to its model (``config_class``) and live
-under ``models.FAMILY`` here; they are validated against that class when the family is used.
+under ``models.FAMILY`` here.
+
+This module imports nothing of genflow, so reading params imports no model. The family table
+(genflow/models/families.py) registers itself here when it is imported, as every command that
+names a family does; from then on every ``models.*`` section is validated as params are read
+(a typo in models.vae fails at once, naming the key), each against its family's config class.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -98,6 +103,7 @@ class EvaluateParams(StrictModel):
     batches: int = Field(8, ge=1, description="test batches evaluated")
     batch_size: int = Field(64, ge=1)
     sample_n: int = Field(64, ge=1)
+    seed: int = Field(0, description="the noise of stochastic metrics (a VAE's ELBO): versions are scored alike")
 
 
 class Params(StrictModel):
@@ -115,34 +121,43 @@ class Params(StrictModel):
     def _valid_families(self) -> "Params":
         # Every family section is checked when the params are read, not when (and if) the
         # family is trained: a typo in models.vae fails `dvc repro` at once.
-        from genflow.models.families import FAMILY_NAMES
-
-        for family in self.models:
-            if family not in FAMILY_NAMES:
-                raise ValueError(f"models.{family}: unknown family; known: {', '.join(FAMILY_NAMES)}")
-            self.family_config(family)
+        if _family_configs:
+            for family in self.models:
+                self.family_config(family)
         return self
 
-    def family_config(self, family: str):
+    def family_config(self, family: str) -> StrictModel:
         """The family's typed config: its class defaults, updated by `models.FAMILY`."""
-        from genflow.models.families import get_family
-
-        model_class = get_family(family)
+        if not _family_configs:
+            raise ParamsError("no family table: import genflow.models.families before asking for a family's config")
+        if family not in _family_configs:
+            raise ParamsError(f"models.{family}: unknown family; known: {', '.join(_family_configs)}")
         try:
-            return model_class.config_class(**self.models.get(family, {}))
+            return _family_configs[family]()(**self.models.get(family, {}))
         except ValidationError as err:
-            raise ParamsError(_describe(err, prefix=f"models.{family}.")) from None
+            raise ParamsError(describe_validation_error(err, prefix=f"models.{family}.")) from None
 
 
-def _describe(err: ValidationError, prefix: str = "") -> str:
+# family name -> a function returning its config class (importing that family's model only).
+_family_configs: dict[str, Callable[[], type[StrictModel]]] = {}
+
+
+def register_family_configs(config_classes: dict[str, Callable[[], type[StrictModel]]]) -> None:
+    """Called by the family table (genflow/models/families.py) when it is imported."""
+    _family_configs.update(config_classes)
+
+
+def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """A pydantic error as `dotted.key: what is wrong (got value)`, one clause per problem."""
     lines = []
     for e in err.errors():
+        message = e["msg"].removeprefix("Value error, ")
         if not e["loc"]:  # raised by a whole-model validator: its message names the key itself
-            lines.append(e["msg"].removeprefix("Value error, "))
+            lines.append(message)
             continue
         where = prefix + ".".join(str(p) for p in e["loc"])
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"{where}: {e['msg']}{got}")
+        lines.append(f"{where}: {message}{got}")
     return "; ".join(lines)
 
 
@@ -186,7 +201,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Params(**raw)
     except ValidationError as err:
-        raise ParamsError(f"{path}: invalid params: " + _describe(err)) from None
+        raise ParamsError(f"{path}: invalid params: " + describe_validation_error(err)) from None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import genflow  # noqa: F401  (telemetry off)
+from genflow.atomic import write_atomically
 from genflow.config import Params, load_params
 
 
@@ -27,8 +26,4 @@ def family_params(family: str) -> Params:
 
 def write_json(path: str, content: dict) -> None:
     """Write a DVC metrics file atomically (a killed stage leaves the old file, not half a new one)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_suffix(target.suffix + ".tmp")
-    temporary.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, target)
+    write_atomically(path, json.dumps(content, indent=2, sort_keys=True) + "\n")

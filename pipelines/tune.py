@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from genflow.tune import report
-from genflow.tune.search import SearchResult, tune
+from genflow.tune.report import SearchResult
+from genflow.tune.search import tune
 from pipelines.common import stage_params, write_json
 
 

@@ -1,9 +1,15 @@
-"""Params: the embedded defaults, -S overrides, and clear errors."""
+"""Params: the embedded defaults, -S overrides, and clear errors; config.py's place in the layers."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+import genflow.models.families  # noqa: F401  (the family table: models.* sections are validated)
 from genflow.config import Params, ParamsError, flatten, load_params
+from genflow.models.families import FAMILY_NAMES
 
 
 def test_params_yaml_repeats_the_embedded_defaults(tmp_path):
@@ -60,3 +66,15 @@ def test_tracking_uri_from_the_environment_wins(monkeypatch):
 
 def test_flatten_gives_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}}) == {"a.b": 1, "a.c.d": [1, 2]}
+
+
+def test_reading_params_imports_no_model():
+    code = ("import sys; from genflow.config import load_params; load_params('params.yaml'); "
+            "print(sorted(m for m in sys.modules if m.startswith('genflow.models') or m == 'torch'))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_dvc_foreach_lists_exactly_the_family_table():
+    families = next(v["families"] for v in yaml.safe_load(Path("dvc.yaml").read_text())["vars"] if "families" in v)
+    assert families == list(FAMILY_NAMES)

@@ -5,20 +5,27 @@
         for images, attrs in loader:  # float32 [B, 3, 64, 64] in image_range; float32 [B, 40] in {0, 1}
             ...
 
+Splits: "train" (the prepared train split minus its validation tail), "validation" (the last
+`validation_count` images of the prepared train split, see genflow/data/split.py: what
+checkpoints and searches are scored on) and "test" (final evaluation only).
+
 One iteration of a train loader is one epoch; the next iteration is the next epoch (reshuffled),
 or the one `set_epoch` names (resuming from a checkpoint). How an epoch is divided, so that DDP
-ranks never wait on each other and every sample is seen once:
+ranks never wait on each other:
   1. All ranks derive the same plan from (seed, epoch): the split's shards in a shuffled order,
      read as one sequence of N samples, started at a random offset.
   2. Rank r takes ceil(N / world_size) samples from position r * ceil(N / world_size) on,
-     wrapping around. Every rank has the same count, so the same number of batches. When N is
-     a multiple of world_size each sample is seen exactly once per epoch; otherwise the last
-     rank wraps onto rank 0's first samples (fewer than world_size are seen twice).
-  3. The rank's batches are cut into contiguous blocks, one per DataLoader worker; a worker
+     wrapping around (when N is not a multiple of world_size, fewer than world_size samples
+     are seen twice).
+  3. Training batches are whole: a rank's last ceil(N / world_size) mod batch_size samples
+     are left out of the epoch (others each epoch, as the offset moves), so no step trains on
+     a batch of one image and every step on every rank averages over batch_size images.
+  4. The rank's batches are cut into contiguous blocks, one per DataLoader worker; a worker
      reads only the shards its block covers, shuffles within a buffer and yields whole batches.
-     Only the block holding the rank's last batch has a short batch, so the rank yields
-     ceil(count / batch_size) batches whatever the number of workers.
-Samples (not shards) are the unit of this split, so counts are exact however many shards there are.
+Samples (not shards) are the unit of this split, so counts are exact however many shards there
+are. Which samples a rank sees in an epoch does not depend on the number of loader workers; their
+order within it does (each worker shuffles its own block), so `train.loader_workers` is part of
+a training run's identity (genflow/track/identity.py), as `train.workers` is.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from webdataset.tariterators import group_by_keys
 
 from genflow.data.celeba import ATTRIBUTE_NAMES
 from genflow.data.shards import ATTRS_EXT, ATTRS_NPY_HEADER, IMAGE_EXT, ppm_header
+from genflow.data.split import validation_count
 from genflow.data.tarstream import tar_members
 
 _SHUFFLE_BUFFER = 1000  # samples (~12 KB each) each worker holds to mix its stream
@@ -78,6 +86,7 @@ class ShardStream(IterableDataset):
         epoch: int = 0,
         shuffle: bool = True,
         limit_batches: int | None = None,
+        whole_batches: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -85,18 +94,18 @@ class ShardStream(IterableDataset):
             raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
         folder = Path(shards)
         stats = read_stats(folder)
-        listed = stats["shards"].get(split)
-        if not listed:
-            raise ValueError(f"{folder}: no {split!r} shards (splits: {', '.join(stats['shards'])}); run `genflow data prepare`")
-        for shard in listed:
-            path = folder / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                raise FileNotFoundError(f"{path}: missing or not the size stats.json records; run `genflow data prepare` again")
-        self.files = [str(folder / shard["file"]) for shard in listed]
-        self.counts = [shard["count"] for shard in listed]
+        # (file, first sample, stop) pieces of shards, in the order prepare wrote them.
+        pieces = split_pieces(folder, stats, split)
+        self.files = [file for file, _, _ in pieces]
+        self.firsts = [first for _, first, _ in pieces]
+        self.counts = [stop - first for _, first, stop in pieces]
         self.size = stats["params"]["size"]
         self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
         self.seed, self.epoch, self.shuffle, self.limit_batches = seed, epoch, shuffle, limit_batches
+        self.whole_batches = whole_batches
+        if whole_batches and len(self) == 0:
+            raise ValueError(f"{folder}: the {split!r} split has {sum(self.counts)} images, fewer than one batch of "
+                             f"{batch_size} for each of {world_size} ranks; lower train.batch_size or train.workers")
 
     @property
     def samples_per_rank(self) -> int:
@@ -104,6 +113,8 @@ class ShardStream(IterableDataset):
         return per_rank if self.limit_batches is None else min(per_rank, self.limit_batches * self.batch_size)
 
     def __len__(self) -> int:
+        if self.whole_batches:
+            return self.samples_per_rank // self.batch_size
         return math.ceil(self.samples_per_rank / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -146,7 +157,8 @@ class ShardStream(IterableDataset):
         # webdataset groups the members into samples; tar_members reads them ~5x faster than
         # the tarfile-based expander webdataset would use (benchmarks/loader.py).
         for shard, first, stop in segments:
-            yield from itertools.islice(group_by_keys(tar_members(self.files[shard])), first, stop)
+            offset = self.firsts[shard]
+            yield from itertools.islice(group_by_keys(tar_members(self.files[shard])), offset + first, offset + stop)
 
     def _collate(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         # The shards' fixed headers are checked, then the bytes are used where they lie: decoding
@@ -161,6 +173,32 @@ class ShardStream(IterableDataset):
             pixels[i] = np.frombuffer(image, np.uint8, offset=len(header)).reshape(size, size, 3).transpose(2, 0, 1)
             attrs[i] = np.frombuffer(values, np.uint8, offset=len(ATTRS_NPY_HEADER))
         return torch.from_numpy(pixels), torch.from_numpy(attrs)
+
+
+def split_pieces(folder: Path, stats: dict, split: str) -> list[tuple[str, int, int]]:
+    """The (shard file, first sample, stop) pieces that make up `split`, in written order; the
+    shards are checked against stats.json first."""
+    source = "train" if split in ("train", "validation") else split
+    listed = stats["shards"].get(source)
+    if split not in ("train", "validation", "test") or not listed:
+        raise ValueError(f"{folder}: no {split!r} shards (splits: train, validation, test); run `genflow data prepare`")
+    for shard in listed:
+        path = folder / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise FileNotFoundError(f"{path}: missing or not the size stats.json records; run `genflow data prepare` again")
+    total = sum(shard["count"] for shard in listed)
+    # The validation set is the train split's tail (genflow/data/split.py); "train" is the rest.
+    begin, end = {"train": (0, total - validation_count(total)), "validation": (total - validation_count(total), total),
+                  "test": (0, total)}[split]
+    pieces, position = [], 0
+    for shard in listed:
+        first, stop = max(begin - position, 0), min(end - position, shard["count"])
+        if first < stop:
+            pieces.append((str(folder / shard["file"]), first, stop))
+        position += shard["count"]
+    if not pieces:
+        raise ValueError(f"{folder}: the {split!r} split is empty ({total} {source} images); prepare more images")
+    return pieces
 
 
 class ShardLoader(DataLoader):
@@ -219,11 +257,11 @@ def train_loader(
     image_range: tuple[float, float] = (0.0, 1.0),
     split: str = "train",
 ) -> TrainLoader:
-    """Shuffled batches of `split` for DDP rank `rank`: the same number of batches on every rank.
+    """Shuffled whole batches of `split` for DDP rank `rank`: the same number on every rank.
 
     Iterate it once per epoch; `loader.batches_per_epoch` (= len(loader)) batches each time.
     """
-    stream = ShardStream(shards, split, batch_size, rank, world_size, seed, epoch, shuffle=True)
+    stream = ShardStream(shards, split, batch_size, rank, world_size, seed, epoch, shuffle=True, whole_batches=True)
     return TrainLoader(stream, image_range, num_workers)
 
 
@@ -236,7 +274,8 @@ def eval_loader(
     image_range: tuple[float, float] = (0.0, 1.0),
     limit_batches: int | None = None,
 ) -> ShardLoader:
-    """Every sample of `split` once (the first `limit_batches` batches), in shard order.
+    """Every sample of `split` once (the first `limit_batches` batches), in shard order; the
+    last batch may be short. `split="validation"` is what model selection scores.
 
     With workers, each reads a contiguous block of batches and the DataLoader interleaves
     them: the order is still the same on every run.

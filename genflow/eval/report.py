@@ -7,26 +7,17 @@ logged into that MLflow run as `test/*` (what the registry's promotion gate comp
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import mlflow
 import torch
 
 from genflow.config import Params
+from genflow.data.celeba import ATTRIBUTE_NAMES
 from genflow.eval.metrics import evaluate_batches, sampling_speed
 from genflow.images import image_grid
 from genflow.track import mlflow as tracking
+from genflow.track.identity import finished_training_run
 from genflow.track.pyfunc import MODEL_ARTIFACT
-
-
-def training_run(family: str, params: Params):
-    """The finished MLflow run that trained `family` with the current params and data."""
-    from genflow.data.loader import dataset_digest
-    from genflow.train.trainer import run_key
-
-    experiment_id = tracking.configure(params.tracking)
-    key = run_key(family, params, dataset_digest(Path(params.data.shards)))
-    return tracking.find_finished_run(experiment_id, family, key)
 
 
 def load_trained_model(run_id: str):
@@ -35,23 +26,31 @@ def load_trained_model(run_id: str):
 
 
 def evaluate_family(family: str, params: Params) -> dict[str, float]:
-    from genflow.data.loader import eval_loader
+    from genflow.data.loader import dataset_digest, eval_loader
 
-    run = training_run(family, params)
+    run = finished_training_run(family, params)
     model = load_trained_model(run.info.run_id)
     device = torch.device("cuda" if params.train.gpu and torch.cuda.is_available() else "cpu")
     model.to(device)
     batches = eval_loader(params.data.shards, split="test", batch_size=params.evaluate.batch_size,
                           image_range=model.image_range, limit_batches=params.evaluate.batches)
-    metrics = evaluate_batches(model, batches, device)
+    # Seeded (a VAE's ELBO draws posterior noise), so that the gate compares like with like.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(params.evaluate.seed)
+        metrics = evaluate_batches(model, batches, device)
+    # What these numbers were scored on: the registry refuses to compare versions scored otherwise.
+    scored_on = {"dataset": dataset_digest(params.data.shards), "split": "test", "seed": params.evaluate.seed,
+                 "evaluation": f"batches={params.evaluate.batches} batch_size={params.evaluate.batch_size}",
+                 "measures": ",".join(sorted(name for name in metrics if name != "images"))}
     metrics["sample_images_per_s"] = sampling_speed(model, params.evaluate.sample_n, device)
     client = mlflow.MlflowClient()
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     tracking.with_retries(lambda: client.log_batch(run_id, metrics=[
         mlflow.entities.Metric(f"test/{k}", float(v), now, 0) for k, v in metrics.items()]))
+    tracking.record_scoring(run_id, scored_on)
     n = params.evaluate.sample_n
-    cond = torch.zeros(n, 40, device=device) if model.conditional else None
+    cond = torch.zeros(n, len(ATTRIBUTE_NAMES), device=device) if model.conditional else None
     samples = model.sample(n, cond=cond, generator=torch.Generator(device).manual_seed(0))
     tracking.with_retries(lambda: client.log_image(run_id, image_grid(samples.cpu()), artifact_file="evaluation/samples.png"))
     print(f"{family} (run {run_id}): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

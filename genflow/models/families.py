@@ -1,18 +1,26 @@
 """The table family name -> model class. Nothing else in genflow knows family names.
 
-Entries are import paths, so that reading params does not import every model.
-A family is listed here once it is built; the CLI, DVC's foreach and the registry follow.
+Entries are import paths, so that importing the table imports no model. A family is listed here
+once it is built; the CLI, DVC's foreach (dvc.yaml's `families`, kept equal by a test) and the
+registry follow. Imported, the table registers the families' config classes with genflow.config,
+which then validates every `models.FAMILY` section as params are read.
 """
 
 from __future__ import annotations
 
 import importlib
+from functools import partial
+
+from genflow.config import register_family_configs
 
 _FAMILIES: dict[str, str] = {
     "vae": "genflow.models.vae:VAE",
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
+
+# Registered models are named REGISTERED_PREFIX + family (celeba64-vae).
+REGISTERED_PREFIX = "celeba64-"
 
 
 def get_family(name: str):
@@ -25,7 +33,24 @@ def get_family(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def config_class(family: str):
+    """The typed config class of a family (imports that family's model)."""
+    return get_family(family).config_class
+
+
+register_family_configs({name: partial(config_class, name) for name in FAMILY_NAMES})
+
+
 def registered_name(family: str) -> str:
     """The MLflow registered-model name of a family."""
     get_family(family)
-    return f"celeba64-{family}"
+    return REGISTERED_PREFIX + family
+
+
+def family_of_registered(model_name: str) -> str:
+    """The family of a registered-model name (the inverse of `registered_name`), or a clear error."""
+    if not model_name.startswith(REGISTERED_PREFIX):
+        raise ValueError(f"{model_name}: genflow models are named {REGISTERED_PREFIX}FAMILY")
+    family = model_name[len(REGISTERED_PREFIX):]
+    get_family(family)
+    return family

@@ -9,11 +9,11 @@ registered MLflow model (genflow/track/pyfunc.py) both carry this file.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from genflow.atomic import atomic_path
 from genflow.models.families import get_family
 from genflow.models.protocol import GenerativeModel
 
@@ -22,10 +22,9 @@ MODEL_FILE = "model.pt"
 
 def save_model(path: str | Path, family: str, model: GenerativeModel) -> None:
     """Write the model file (atomically: a killed writer leaves no half file)."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save({"family": family, "config": model.config.model_dump(mode="json"), "state_dict": model.state_dict()}, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save({"family": family, "config": model.config.model_dump(mode="json"), "state_dict": model.state_dict()},
+                   temporary)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:

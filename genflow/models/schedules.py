@@ -6,7 +6,7 @@ switches kind without rewriting the section); `at(step)` is a pure function of t
     constant   weight · KL
     linear     weight ramps 0 -> `weight` over `warmup_steps`, then stays
     cyclical   the linear ramp repeated every `cycle_steps`, rising over the first `ratio`
-    capacity   γ · |KL − C|, C rising 0 -> `capacity_max` nats over `capacity_steps`
+    capacity   γ · |KL − C| per image, C rising 0 -> `capacity_max` nats over `capacity_steps`
 
 Every value is arithmetic and `min` of the step, with no `if` on it: once torch.compile has made
 the step dynamic (its one recompile), the training step does not recompile as the schedule moves.
@@ -35,7 +35,9 @@ class KLSchedule(StrictModel):
     warmup_steps: int = Field(10_000, ge=1, description="linear: steps for the weight to rise from 0 to `weight`")
     cycle_steps: int = Field(10_000, ge=1, description="cyclical: steps per cycle")
     ratio: float = Field(0.5, gt=0, le=1, description="cyclical: fraction of each cycle spent rising")
-    gamma: float = Field(1000.0, gt=0, description="capacity: γ, the weight of |KL − C|")
+    # 0.25: AntixK/PyTorch-VAE's capacity recipe for CelebA, gamma 1000 times kld_weight 0.00025 (its
+    # KL term is scaled by both), for this same per-pixel MSE reconstruction term.
+    gamma: float = Field(0.25, gt=0, description="capacity: γ, the weight of |KL − C| per image")
     capacity_max: float = Field(25.0, ge=0, description="capacity: the final C, in nats")
     capacity_steps: int = Field(100_000, ge=1, description="capacity: steps for C to rise from 0 to capacity_max")
 

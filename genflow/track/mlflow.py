@@ -29,6 +29,9 @@ T = TypeVar("T")
 FAMILY_TAG = "genflow.family"
 RUN_KEY_TAG = "genflow.run_key"
 FAILURE_TAG = "genflow.failure"
+RAY_RUN_TAG = "genflow.ray_run"
+# genflow.scored.FIELD: what a run's test metrics were scored on (data, split, settings, seed, measures).
+SCORED_TAG_PREFIX = "genflow.scored."
 
 
 class TrackingError(RuntimeError):
@@ -114,6 +117,14 @@ def find_run(experiment_id: str, family: str, run_key: str, client: MlflowClient
     return runs[0] if runs else None
 
 
+def find_run_named(experiment_id: str, ray_run: str, client: MlflowClient | None = None):
+    """The newest MLflow run that tracked the Ray run `ray_run`, or None."""
+    client = client or MlflowClient()
+    runs = with_retries(lambda: client.search_runs([experiment_id], filter_string=f"tags.`{RAY_RUN_TAG}` = '{ray_run}'",
+                                                   order_by=["attributes.start_time DESC"], max_results=1))
+    return runs[0] if runs else None
+
+
 def find_finished_run(experiment_id: str, family: str, run_key: str):
     run = find_run(experiment_id, family, run_key)
     if run is None or run.info.status != RunStatus.to_string(RunStatus.FINISHED):
@@ -122,6 +133,18 @@ def find_finished_run(experiment_id: str, family: str, run_key: str):
             f"in {mlflow.get_tracking_uri()}; run `genflow train {family}` (or `dvc repro train@{family}`) first"
         )
     return run
+
+
+def record_scoring(run_id: str, scored_on: dict[str, Any]) -> None:
+    """Tag the run with what its test metrics were scored on (SCORED_TAG_PREFIX + field)."""
+    client = MlflowClient()
+    for field, value in scored_on.items():
+        with_retries(lambda: client.set_tag(run_id, SCORED_TAG_PREFIX + field, str(value)))
+
+
+def scoring_of(tags: dict[str, str]) -> dict[str, str]:
+    """{field: value} of the scoring tags among a run's or a model version's tags."""
+    return {k[len(SCORED_TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(SCORED_TAG_PREFIX)}
 
 
 class RankZeroLogger:

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+from mlflow.types.schema import Array
 
 import genflow
 
@@ -36,15 +37,17 @@ class GenerativeSampler(mlflow.pyfunc.PythonModel):
         for row in model_input.to_dict("records"):
             generator = torch.Generator().manual_seed(int(row["seed"]))
             cond = None
-            if row.get("attrs") is not None:
+            if isinstance(row.get("attrs"), (list, np.ndarray)):  # absent: None or NaN
                 cond = torch.tensor(row["attrs"], dtype=torch.float32).expand(int(row["n"]), -1)
             images.append(self.model.sample(int(row["n"]), cond=cond, generator=generator).numpy())
         return np.concatenate(images)
 
 
 def signature(image_size: int) -> ModelSignature:
+    """n and seed per row, and the optional `attrs` that `predict` reads (MLflow drops input
+    columns its signature does not name)."""
     return ModelSignature(
-        inputs=Schema([ColSpec("long", "n"), ColSpec("long", "seed")]),
+        inputs=Schema([ColSpec("long", "n"), ColSpec("long", "seed"), ColSpec(Array(DataType.double), "attrs", required=False)]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, image_size, image_size))]),
     )
 

@@ -3,11 +3,14 @@
     genflow register vae                                   new version of celeba64-vae, alias candidate
     genflow registry list
     genflow registry promote celeba64-vae 3 --to staging   refused if worse than the current staging
-    genflow registry promote celeba64-vae 3 --to production (only a version that was in staging)
+    genflow registry promote celeba64-vae 3 --to production (only the current staging version)
     genflow sample celeba64-vae@staging --n 64 --out grid.png
 
 MLflow 3 deprecates stages; the lifecycle is aliases (candidate, staging, production) on
 versions, and every promotion is recorded on the version as tags: who, when, why, forced.
+Each version also records what its test metrics were scored on (`genflow.scored.*`: dataset digest,
+split, evaluation settings, seed, the measures reported, which a decoder's likelihood changes);
+two versions scored differently are not compared unless --force says so.
 """
 
 from __future__ import annotations
@@ -21,25 +24,16 @@ from mlflow.exceptions import MlflowException
 
 from genflow.config import Params
 from genflow.images import save_grid
-from genflow.models.families import get_family, registered_name
+from genflow.models.families import REGISTERED_PREFIX, family_of_registered, get_family, registered_name
 from genflow.track import mlflow as tracking
+from genflow.track.identity import finished_training_run
 from genflow.track.pyfunc import MODEL_ARTIFACT
 
-MODEL_PREFIX = "celeba64-"
 PRIMARY_METRIC_TAG = "genflow.primary_metric"
-STAGED_TAG = "genflow.promoted.staging.at"
 
 
 class PromotionRefused(ValueError):
     """A promotion the gate does not allow; the message says why and how to override."""
-
-
-def _family_of(model_name: str) -> str:
-    if not model_name.startswith(MODEL_PREFIX):
-        raise ValueError(f"{model_name}: genflow models are named {MODEL_PREFIX}FAMILY")
-    family = model_name[len(MODEL_PREFIX):]
-    get_family(family)
-    return family
 
 
 def _primary(family: str) -> tuple[str, bool]:
@@ -49,9 +43,7 @@ def _primary(family: str) -> tuple[str, bool]:
 
 def register_family(family: str, params: Params):
     """Register the family's evaluated run as a new version with alias `candidate`."""
-    from genflow.eval.report import training_run
-
-    run = training_run(family, params)
+    run = finished_training_run(family, params)
     metric, lower_is_better = _primary(family)
     test_metrics = {k[len("test/"):]: v for k, v in run.data.metrics.items() if k.startswith("test/")}
     if metric not in test_metrics:
@@ -63,8 +55,12 @@ def register_family(family: str, params: Params):
     except MlflowException:
         tracking.with_retries(lambda: client.create_registered_model(
             name, description=f"{family} trained on CelebA 64x64 by genflow. Aliases: candidate, staging, production."))
+    scored_on = tracking.scoring_of(run.data.tags)
+    if not scored_on:
+        raise FileNotFoundError(f"run {run.info.run_id} does not record what it was scored on: run `genflow evaluate {family}` again")
     version = mlflow.register_model(f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}", name,
-                                    tags={f"test.{k}": f"{v:.6g}" for k, v in test_metrics.items()})
+                                    tags={**{f"test.{k}": f"{v:.6g}" for k, v in test_metrics.items()},
+                                          **{tracking.SCORED_TAG_PREFIX + k: v for k, v in scored_on.items()}})
     tracking.with_retries(lambda: client.set_model_version_tag(name, version.version, PRIMARY_METRIC_TAG,
                                                               f"{metric} ({'lower' if lower_is_better else 'higher'} is better)"))
     tracking.with_retries(lambda: client.update_model_version(name, version.version, description=model_card(family, run, test_metrics)))
@@ -84,6 +80,7 @@ def model_card(family: str, run, test_metrics: dict[str, float]) -> str:
         f"**Data**: {data_line}; dataset digest in the run's inputs.",
         f"**Run**: `{run.info.run_id}` (Ray run `{tags.get('genflow.ray_run', '?')}`).",
         f"**Primary metric**: `{metric}` ({'lower' if lower else 'higher'} is better) = {test_metrics.get(metric, float('nan')):.4g}",
+        "**Scored on**: " + ", ".join(f"{k} `{v}`" for k, v in sorted(tracking.scoring_of(tags).items())),
         "",
         "| test metric | value |",
         "|---|---|",
@@ -100,7 +97,7 @@ def model_card(family: str, run, test_metrics: dict[str, float]) -> str:
 
 
 def _metric_of(version) -> float | None:
-    family = _family_of(version.name)
+    family = family_of_registered(version.name)
     value = version.tags.get(f"test.{_primary(family)[0]}")
     return float(value) if value is not None else None
 
@@ -109,23 +106,30 @@ def promote(params: Params, model: str, version: str, to: str, force: bool = Fal
     """Move alias `to` (staging or production) to `version` of `model`, if the gate allows."""
     tracking.configure(params.tracking)
     client = MlflowClient()
-    family = _family_of(model)
+    family = family_of_registered(model)
     metric, lower_is_better = _primary(family)
     try:
         candidate = tracking.with_retries(lambda: client.get_model_version(model, str(version)))
     except MlflowException:
         raise ValueError(f"{model} has no version {version}; see `genflow registry list`") from None
-    if to == "production" and STAGED_TAG not in candidate.tags:
-        raise PromotionRefused(f"{model} version {version} has never been in staging; promote it --to staging first")
-    try:
-        current = client.get_model_version_by_alias(model, to)
-    except MlflowException:
-        current = None
+    if to == "production":
+        staging = _version_by_alias(client, model, "staging")
+        if staging is None or staging.version != candidate.version:
+            now_staging = f"version {staging.version} is" if staging is not None else "no version is"
+            raise PromotionRefused(f"{model} version {version} is not the current staging version ({now_staging}); "
+                                   "only the staging version goes to production: promote it --to staging first")
+    current = _version_by_alias(client, model, to)
     ours = _metric_of(candidate)
     if ours is None:
         raise PromotionRefused(f"{model} version {version} has no test.{metric} tag; register it with `genflow register {family}`")
     forced = False
     if current is not None and current.version != candidate.version:
+        differences = scoring_differences(candidate, current)
+        if differences and not force:
+            raise PromotionRefused(
+                f"refused: {model} version {version} and {to} version {current.version} were scored differently "
+                f"({'; '.join(differences)}), so their {metric} do not compare. Evaluate both alike, or use --force "
+                "(and --reason) to promote anyway")
         theirs = _metric_of(current)
         worse = theirs is not None and (ours > theirs if lower_is_better else ours < theirs)
         if worse and not force:
@@ -133,7 +137,7 @@ def promote(params: Params, model: str, version: str, to: str, force: bool = Fal
                 f"refused: {model} version {version} has {metric} {ours:.4g}, worse than {to} version "
                 f"{current.version} ({theirs:.4g}; {'lower' if lower_is_better else 'higher'} is better). "
                 "Use --force (and --reason) to promote anyway")
-        forced = worse
+        forced = worse or bool(differences)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = {
         f"genflow.promoted.{to}.at": now,
@@ -148,16 +152,30 @@ def promote(params: Params, model: str, version: str, to: str, force: bool = Fal
     return f"{model} version {version} is now {to}{previous}; {metric} {ours:.4g}" + (" [forced]" if forced else "")
 
 
+def _version_by_alias(client: MlflowClient, model: str, alias: str):
+    try:
+        return tracking.with_retries(lambda: client.get_model_version_by_alias(model, alias))
+    except MlflowException:
+        return None
+
+
+def scoring_differences(version, other) -> list[str]:
+    """`field: ours vs theirs` for each scored-on field in which two versions differ."""
+    ours, theirs = tracking.scoring_of(version.tags), tracking.scoring_of(other.tags)
+    return [f"{field}: {ours.get(field, '(not recorded)')} vs {theirs.get(field, '(not recorded)')}"
+            for field in sorted(set(ours) | set(theirs)) if ours.get(field) != theirs.get(field)]
+
+
 def format_registry(params: Params) -> str:
     """A table of genflow's registered models: versions, aliases, the primary metric, the run."""
     tracking.configure(params.tracking)
     client = MlflowClient()
     rows = [("model", "version", "aliases", "primary metric", "run")]
-    for registered in tracking.with_retries(lambda: client.search_registered_models(f"name LIKE '{MODEL_PREFIX}%'")):
+    for registered in tracking.with_retries(lambda: client.search_registered_models(f"name LIKE '{REGISTERED_PREFIX}%'")):
         aliases: dict[str, list[str]] = {}
         for alias, number in registered.aliases.items():
             aliases.setdefault(str(number), []).append(alias)
-        metric = _primary(_family_of(registered.name))[0]
+        metric = _primary(family_of_registered(registered.name))[0]
         versions = tracking.with_retries(lambda: client.search_model_versions(f"name = '{registered.name}'"))
         for version in sorted(versions, key=lambda v: int(v.version)):
             value = _metric_of(version)
@@ -193,7 +211,7 @@ def sample_grid(params: Params, reference: str, n: int, out: str, attrs: list[st
         for item in attrs:
             name, _, value = item.partition("=")
             if name not in ATTRIBUTE_NAMES or value not in ("0", "1", "-1"):
-                raise ValueError(f"--attr {item}: expected NAME=0|1 with NAME one of the 40 CelebA attributes")
+                raise ValueError(f"--attr {item}: expected NAME=0|1 with NAME one of the {len(ATTRIBUTE_NAMES)} CelebA attributes")
             vector[ATTRIBUTE_NAMES.index(name)] = 1 if value == "1" else 0
         generator = torch.Generator().manual_seed(seed)
         images = model.sample(n, cond=torch.tensor(vector, dtype=torch.float32).expand(n, -1), generator=generator)

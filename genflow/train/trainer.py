@@ -3,15 +3,15 @@
     genflow train vae --workers 2 --max-steps 300          (or: dvc repro train@vae)
 
 The Ray run's name is the family plus a digest of everything that decides the result (the
-family's config, the training params, the data). Starting a run whose name already has
-checkpoints resumes from the latest one, in Ray and in the same MLflow run; changing a param
-starts a new run. `train.run_name` names a run explicitly.
+family's config, the training params, max_steps and the workers included, the data: see
+genflow/track/identity.py). Starting a run whose name already has checkpoints resumes from the
+latest one, in Ray and in the same MLflow run; changing a param starts a new run. `train.run_name`
+names a run explicitly; reused with changed params it is refused, naming the changed keys.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import socket
@@ -29,12 +29,8 @@ from genflow.models.families import get_family
 from genflow.models.saved import MODEL_FILE
 from genflow.train.loop import BatchSource, NonFiniteLossError, WorkerConfig, train_worker
 from genflow.track import mlflow as tracking
+from genflow.track.identity import IDENTITY_TAG, check_same_run, identity_key, run_identity
 from genflow.track.pyfunc import log_sampler
-
-# Params that change how a run is executed or watched, not what it computes: a run resumed
-# with other values of these is the same run.
-OPERATIONAL_KEYS = {"workers", "gpu", "cpus_per_worker", "max_failures", "loader_workers", "log_every",
-                    "checkpoint_every", "storage_path", "run_name", "max_steps", "grid_every", "grid_size"}
 
 
 @dataclass
@@ -47,14 +43,6 @@ class TrainResult:
 
     def summary(self) -> str:
         return f"{self.family} trained to step {self.metrics.get('step')} (loss {self.metrics.get('loss', float('nan')):.4g}), checkpoint {self.checkpoint_path}"
-
-
-def run_key(family: str, params: Params, dataset_digest: str) -> str:
-    """Digest of what decides the trained model. max_steps is left out so that a longer run of
-    the same name continues the shorter one."""
-    train = {k: v for k, v in params.train.model_dump().items() if k not in OPERATIONAL_KEYS}
-    content = {"family": family, "model": params.family_config(family).model_dump(), "train": train, "data": dataset_digest}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def ensure_ray(ray_params: RayParams) -> None:
@@ -98,18 +86,26 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
         from genflow.data.loader import dataset_digest as shards_digest
 
         dataset_digest = shards_digest(shards)
-    key = run_key(family, params, dataset_digest or "in-memory")
+    identity = run_identity(family, params, dataset_digest or "in-memory")
+    key = identity_key(identity)
     name = params.train.run_name or f"{family}-{key}"
     storage = Path(params.train.storage_path).resolve()
 
     experiment_id = tracking.configure(params.tracking)
     tracking_uri = mlflow.get_tracking_uri()
+    if (storage / name).exists():
+        check_same_run(experiment_id, name, identity, storage / name)  # Ray would restore it, whatever the params
     previous = tracking.find_run(experiment_id, family, key)
     resuming = previous is not None and (storage / name).exists()
     with mlflow.start_run(run_id=previous.info.run_id if resuming else None, run_name=None if resuming else name,
                           experiment_id=experiment_id, log_system_metrics=True) as run:
+        if resuming and tracking.FAILURE_TAG in previous.data.tags:
+            # The failure an earlier attempt recorded (a non-finite loss) was that attempt's: a clean
+            # resume must not read it as its own.
+            tracking.with_retries(lambda: mlflow.MlflowClient().delete_tag(run.info.run_id, tracking.FAILURE_TAG))
         if not resuming:
-            mlflow.set_tags({tracking.FAMILY_TAG: family, tracking.RUN_KEY_TAG: key, "genflow.ray_run": name,
+            mlflow.set_tags({tracking.FAMILY_TAG: family, tracking.RUN_KEY_TAG: key, tracking.RAY_RUN_TAG: name,
+                             IDENTITY_TAG: json.dumps(identity, sort_keys=True),
                              "genflow.data_source": "sample" if params.data.is_sample() else "celeba"})
             mlflow.log_params(flatten({"model": params.family_config(family), "train": params.train, "data": params.data}))
             if batch_source is None:

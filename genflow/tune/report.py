@@ -13,20 +13,55 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
 
+from genflow.atomic import write_atomically
 from genflow.config import ParamsError, flatten
-from genflow.tune.space import SearchSettings, override
-
-if TYPE_CHECKING:
-    from genflow.tune.search import SearchResult
+from genflow.tune.space import SearchSettings, override, overrides
 
 FIXED_COLUMNS = ("trial", "status", "step", "objective")
+
+
+@dataclass
+class SearchResult:
+    family: str
+    name: str  # the Tune experiment (and the parent run's name)
+    path: str  # the Tune experiment's folder: Tuner.restore(path) reads it
+    mlflow_run_id: str  # the parent run
+    metric: str
+    mode: str
+    max_steps: int
+    trials: list[dict[str, Any]]  # one row per trial (trial_rows)
+    best: dict[str, Any]  # the best trial's row
+    best_config: dict[str, Any]  # the best trial's drawn values, {dotted key: value}
+    errors: dict[str, str] = field(default_factory=dict)  # trial id -> its error
+    plot_axes: tuple[str, str | None, bool] = ("", None, False)  # plot_axes
+
+    def counts(self) -> dict[str, int]:
+        statuses = [row["status"] for row in self.trials]
+        return {status: statuses.count(status) for status in ("completed", "stopped", "failed")}
+
+    def metrics(self) -> dict[str, Any]:
+        """The search's summary as DVC metrics (metrics/tune/FAMILY.json)."""
+        return {"metric": self.metric, "best": self.best["objective"], "best_step": self.best["step"],
+                "best_trial": self.best["trial"], "trials": len(self.trials), **self.counts()}
+
+    def __str__(self) -> str:
+        counts = self.counts()
+        lines = [
+            f"{self.best['trial']} with {self.metric}={self.best['objective']:.6g} at step {self.best['step']} "
+            f"({self.family} search {self.name}, MLflow run {self.mlflow_run_id})",
+            *(f"  {line}" for line in overrides(self.best_config)),
+            f"{len(self.trials)} trials: {counts['completed']} completed, {counts['stopped']} stopped early by ASHA, "
+            f"{counts['failed']} failed",
+            *(f"  {trial}: {error}" for trial, error in self.errors.items()),
+        ]
+        return "\n".join(lines)
 
 
 def now_ms() -> int:
@@ -76,14 +111,6 @@ def plot_axes(settings: SearchSettings, family: str) -> tuple[str, str | None, b
     return column(x, family), column(color, family) if color else None, space[x].kind in ("loguniform", "logint")
 
 
-def _write(path: Path, data: str | bytes) -> None:
-    """Write beside the target, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def tuned_fragment(config: dict[str, Any]) -> dict[str, Any]:
     """{dotted key: value} -> the params-shaped tree those keys make."""
     tree: dict[str, Any] = {}
@@ -104,7 +131,7 @@ def write_tuned(result: SearchResult, path: Path) -> None:
         f"# Written by `genflow tune {result.family}` (dvc repro tune@{result.family}); "
         "genflow.tune.report.load_tuned reads it as -S overrides.\n"
     )
-    _write(Path(path), header + yaml.safe_dump(tuned_fragment(result.best_config), sort_keys=False))
+    write_atomically(Path(path), header + yaml.safe_dump(tuned_fragment(result.best_config), sort_keys=False))
 
 
 def load_tuned(family: str, path: str | Path | None = None) -> list[str]:
@@ -134,7 +161,7 @@ def write_table(result: SearchResult, path: Path) -> None:
     writer.writeheader()
     for row in result.trials:
         writer.writerow({k: "" if v is None else json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
-    _write(Path(path), out.getvalue())
+    write_atomically(Path(path), out.getvalue())
 
 
 def plot_search(result: SearchResult, path: Path) -> None:
@@ -172,4 +199,4 @@ def plot_search(result: SearchResult, path: Path) -> None:
     out = io.BytesIO()
     figure.savefig(out, format="png")
     plt.close(figure)
-    _write(Path(path), out.getvalue())
+    write_atomically(Path(path), out.getvalue())

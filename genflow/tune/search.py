@@ -8,6 +8,12 @@ Tune. OptunaSearch (TPE, define-by-run over the conditional space of genflow/tun
 proposes configs; ASHA stops weak trials, its rungs counted in training steps; a
 ConcurrencyLimiter keeps as many trials in flight as the cluster has room for their Train workers.
 
+What a trial is: the run the drawn values give, under the final run's training conditions
+(train.workers, per-worker batch, loader workers: genflow.tune.space.trial_base), so train@FAMILY
+retrains the winner as it won. What it is scored on: the checkpoints' `val/*` metrics, computed
+on the validation split (the train split's held-out tail, genflow/data/split.py), never on the
+test images that the final evaluation reports.
+
 MLflow: one parent run per search and one nested child run per trial, into which the trial's
 rank-0 worker logs its curves. The driver closes each child run as Tune saw the trial end
 (finished, stopped early by ASHA, or failed with its error), so a crashing trial is reported and
@@ -21,7 +27,7 @@ import hashlib
 import json
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +45,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from genflow.config import Params, ParamsError, flatten
 from genflow.train.loop import BatchSource, NonFiniteLossError
-from genflow.train.trainer import ensure_ray, run_key, torch_trainer
+from genflow.train.trainer import ensure_ray, torch_trainer
 from genflow.track import mlflow as tracking
+from genflow.track.identity import run_key
 from genflow.track.mlflow import with_retries
 from genflow.tune import report
+from genflow.tune.report import SearchResult
 from genflow.tune.space import SearchSettings, SearchSpace, overrides, search_settings, trial_base, trial_params
 
 SEARCH_TAG = "genflow.tune.search"
@@ -181,43 +189,6 @@ def _trial_exception(trial) -> BaseException | None:
     return trial.get_pickled_error()
 
 
-@dataclass
-class SearchResult:
-    family: str
-    name: str  # the Tune experiment (and the parent run's name)
-    path: str  # the Tune experiment's folder: Tuner.restore(path) reads it
-    mlflow_run_id: str  # the parent run
-    metric: str
-    mode: str
-    max_steps: int
-    trials: list[dict[str, Any]]  # one row per trial (genflow.tune.report.trial_rows)
-    best: dict[str, Any]  # the best trial's row
-    best_config: dict[str, Any]  # the best trial's drawn values, {dotted key: value}
-    errors: dict[str, str] = field(default_factory=dict)  # trial id -> its error
-    plot_axes: tuple[str, str | None, bool] = ("", None, False)  # genflow.tune.report.plot_axes
-
-    def counts(self) -> dict[str, int]:
-        statuses = [row["status"] for row in self.trials]
-        return {status: statuses.count(status) for status in ("completed", "stopped", "failed")}
-
-    def metrics(self) -> dict[str, Any]:
-        """The search's summary as DVC metrics (metrics/tune/FAMILY.json)."""
-        return {"metric": self.metric, "best": self.best["objective"], "best_step": self.best["step"],
-                "best_trial": self.best["trial"], "trials": len(self.trials), **self.counts()}
-
-    def __str__(self) -> str:
-        counts = self.counts()
-        lines = [
-            f"{self.best['trial']} with {self.metric}={self.best['objective']:.6g} at step {self.best['step']} "
-            f"({self.family} search {self.name}, MLflow run {self.mlflow_run_id})",
-            *(f"  {line}" for line in overrides(self.best_config)),
-            f"{len(self.trials)} trials: {counts['completed']} completed, {counts['stopped']} stopped early by ASHA, "
-            f"{counts['failed']} failed",
-            *(f"  {trial}: {error}" for trial, error in self.errors.items()),
-        ]
-        return "\n".join(lines)
-
-
 def tune(family: str, params: Params, batch_source: BatchSource | None = None,
          dataset_digest: str | None = None) -> SearchResult:
     """Search `family`'s hyperparameters as `tune.FAMILY` declares; returns the trials and the best.
@@ -232,10 +203,7 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
         from genflow.data.loader import dataset_digest as shards_digest
 
         dataset_digest = shards_digest(Path(params.data.shards).resolve())
-    base = trial_base(params, family)
-    # Trials run in their own working directory: paths must not be relative.
-    base["data"]["shards"] = str(Path(params.data.shards).resolve())
-    base["train"].update(workers=settings.workers_per_trial, cpus_per_worker=settings.cpus_per_worker, run_name="")
+    base = trial_base(params, family, settings)
     name = search_name(family, params, settings, dataset_digest or "in-memory")
     storage = Path(params.train.storage_path).resolve()
 
@@ -302,14 +270,14 @@ def unfinished_trials(path: str, settings: SearchSettings) -> int:
 def trial_slots(params: Params, settings: SearchSettings) -> int:
     """How many trials' Train workers the cluster holds at once (its CPUs, and GPUs if used)."""
     resources = ray.cluster_resources()
-    need = {"CPU": settings.workers_per_trial * settings.cpus_per_worker}
+    need = {"CPU": params.train.workers * settings.cpus_per_worker}
     if params.train.gpu:
-        need["GPU"] = settings.workers_per_trial
+        need["GPU"] = params.train.workers
     slots = min(math.floor(resources.get(name, 0) / amount) for name, amount in need.items())
     if slots < 1:
         have = {name: resources.get(name, 0) for name in need}
         raise ValueError(f"a trial's Train workers need {need} but the Ray cluster has {have}; "
-                         "lower tune.FAMILY.workers_per_trial or cpus_per_worker")
+                         "lower tune.FAMILY.cpus_per_worker (trials train with train.workers, as the final run does)")
     return slots
 
 
@@ -317,8 +285,7 @@ def search_name(family: str, params: Params, settings: SearchSettings, dataset_d
     """`tune-FAMILY-DIGEST`: the digest of what decides the search's result, so that the same
     params find (and resume) the same search, and changed ones start a new one."""
     content = {
-        "run": run_key(family, params, dataset_digest),
-        "max_steps": params.train.max_steps,
+        "run": run_key(family, params, dataset_digest),  # max_steps and the workers included
         "search": settings.model_dump(mode="json", exclude=OPERATIONAL_SETTINGS),
     }
     return f"tune-{family}-{hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]}"

@@ -22,14 +22,16 @@ from __future__ import annotations
 import builtins
 import difflib
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from genflow.config import Params, ParamsError, StrictModel, apply_overrides, flatten
+from genflow.config import Params, ParamsError, StrictModel, apply_overrides, describe_validation_error, flatten
 from genflow.models.families import FAMILY_NAMES, get_family
 
 # Keys a trial may not draw: the budget (ASHA's max_t) and the trial's resources are the search's.
+# Trials train with the final run's train.workers, batch size and loader workers (trial_base).
 RESERVED_KEYS = ("train.max_steps", "train.workers", "train.cpus_per_worker", "train.gpu")
 
 
@@ -105,9 +107,10 @@ class SearchSettings(StrictModel):
 
     trials: int = Field(8, ge=1, description="trials in the search")
     max_concurrent: int = Field(0, ge=0, description="trials at once; 0 = as many as the cluster's CPUs/GPUs fit")
-    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers of each trial")
-    cpus_per_worker: float = Field(1, gt=0)
-    metric: str = Field("loss", description="the objective, as the training loop reports it")
+    # No workers of its own: a trial trains with train.workers, as the final run will (the global
+    # batch and the data order are part of what a search selects for).
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each trial worker reserves (how many trials fit at once)")
+    metric: str = Field("loss", description="the objective, as the training loop reports it (val/*: the validation split)")
     mode: Literal["min", "max"] = "min"
     grace_period: int = Field(100, ge=1, description="ASHA: steps every trial runs before it may be stopped")
     reduction_factor: float = Field(2, gt=1, description="ASHA: 1/reduction_factor of the trials go on at each rung")
@@ -193,24 +196,25 @@ def search_settings(params: Params, family: str) -> SearchSettings:
     try:
         settings = SearchSettings(**raw)
     except ValidationError as err:
-        raise ParamsError(_describe(err, f"tune.{family}.")) from None
-    check_space(params, family, settings.space)
+        raise ParamsError(describe_validation_error(err, f"tune.{family}.")) from None
+    check_space(params, family, settings)
     return settings
 
 
-def check_space(params: Params, family: str, space: dict[str, Distribution]) -> None:
+def check_space(params: Params, family: str, settings: SearchSettings) -> None:
     """Fail before Ray starts on a key that is no param, or a value its field refuses.
 
     Only the field's own constraints count: a value that may be wrong only in combination with
     another (norm_groups that does not divide hidden_channels) fails that trial alone.
     """
-    base = trial_base(params, family)
+    base = trial_base(params, family, settings)
     keys = set(flatten({k: v for k, v in base.items() if k != "tune"}))
-    for key, distribution in space.items():
+    for key, distribution in settings.space.items():
         where = f"tune.{family}.space.{key}"
         if key in RESERVED_KEYS:
-            raise ParamsError(f"{where}: {key} is set by the search itself (train.max_steps is ASHA's budget; "
-                              f"resources come from tune.{family}.workers_per_trial / cpus_per_worker), not drawn")
+            raise ParamsError(f"{where}: {key} is set by the search itself (train.max_steps is ASHA's budget; trials "
+                              f"train with the final run's train.workers and reserve tune.{family}.cpus_per_worker each), "
+                              "not drawn")
         if key.startswith("models.") and not key.startswith(f"models.{family}."):
             raise ParamsError(f"{where}: a {family} search draws models.{family}.* keys, not {key}")
         if key not in keys:
@@ -241,12 +245,18 @@ def _field_errors(base: dict[str, Any], family: str, key: str, value: Any) -> li
     return []
 
 
-def trial_base(params: Params, family: str) -> dict[str, Any]:
+def trial_base(params: Params, family: str, settings: SearchSettings) -> dict[str, Any]:
     """The params every trial starts from, as plain data: the family's full config spelled out
-    (so that every model key is a leaf a space may name)."""
+    (so that every model key is a leaf a space may name), and the final run's training conditions
+    (workers, per-worker batch, loader workers): a trial is the run that its values would give,
+    so the winner is retrained under the conditions it won under. Only the operational
+    cpus_per_worker and run name differ."""
     base = params.model_dump(mode="json")
     base["models"] = {family: params.family_config(family).model_dump(mode="json")}
     base["tune"] = {}
+    # Trials run in their own working directory: paths must not be relative.
+    base["data"]["shards"] = str(Path(params.data.shards).resolve())
+    base["train"].update(cpus_per_worker=settings.cpus_per_worker, run_name="")
     return base
 
 
@@ -265,13 +275,4 @@ def trial_params(base: dict[str, Any], family: str, config: dict[str, Any]) -> P
     try:
         return Params(**raw)  # validates models.FAMILY too
     except ValidationError as err:
-        raise ParamsError(_describe(err)) from None
-
-
-def _describe(err: ValidationError, prefix: str = "") -> str:
-    # A whole-model validator's error has no location; its message names the keys itself.
-    lines = []
-    for e in err.errors():
-        message = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{prefix}{'.'.join(map(str, e['loc']))}: {message}" if e["loc"] else message)
-    return "\n".join(lines)
+        raise ParamsError(describe_validation_error(err)) from None

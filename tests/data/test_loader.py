@@ -1,4 +1,5 @@
 import io
+import itertools
 import json
 import tarfile
 from collections import Counter
@@ -33,28 +34,60 @@ def epoch_per_rank(shards, world_size, epochs=1, **kwargs):
     return [[list(loader) for loader in loaders] for _ in range(epochs)], loaders
 
 
-def test_two_ranks_two_workers_see_every_sample_once_per_epoch(prepared):
-    # 70 train images in shards of 16,16,16,16,6: 35 per rank, batches 8,8,8,8,3.
+def training_keys(shards):
+    """The keys of the "train" split: the prepared train split minus its validation tail."""
+    keys = keys_by_pixels(shards, "train")
+    return {pixels: key for pixels, key in keys.items() if key not in set(validation_keys(shards, keys))}
+
+
+def validation_keys(shards, keys):
+    return seen_keys(eval_loader(shards, split="validation", batch_size=4), keys)
+
+
+def test_validation_is_the_train_splits_tail_and_training_never_sees_it(prepared):
+    # 70 train images (shards of 16,16,16,16,6): validation_count(70) = 7, the last 7 as written.
     keys = keys_by_pixels(prepared, "train")
+    manifest = pq.read_table(prepared / "manifest.parquet").to_pandas()
+    written = list(manifest[manifest["split"] == "train"]["key"])
+    assert validation_keys(prepared, keys) == written[-7:]
+    (ranks,), _ = epoch_per_rank(prepared, 1, epochs=1, batch_size=9, num_workers=2, seed=0)
+    trained = seen_keys(ranks[0], keys)
+    assert sorted(trained) == sorted(written[:-7])  # 63 = 7 whole batches of 9
+    assert len(seen_keys(eval_loader(prepared, split="train", batch_size=16), keys)) == 63
+    # The test split is untouched by the carving.
+    assert len(list(itertools.chain.from_iterable(i for i, _ in eval_loader(prepared, split="test", batch_size=8)))) == 30
+
+
+def test_short_last_training_batch_is_never_a_single_image(prepared):
+    n = sum(len(images) for images, _ in eval_loader(prepared, split="train", batch_size=16))
+    loader = train_loader(prepared, batch_size=n - 1, num_workers=0, seed=0)
+    assert [len(images) for images, _ in loader] == [n - 1]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_loader(prepared, batch_size=n + 1, num_workers=0)
+
+
+def test_two_ranks_two_workers_see_every_sample_at_most_once_per_epoch(prepared):
+    # 63 training images: 32 per rank (64 slots, one image twice), 4 whole batches of 8 each.
+    keys = training_keys(prepared)
     epochs, loaders = epoch_per_rank(prepared, 2, epochs=2, batch_size=8, num_workers=2, seed=1)
-    assert [loader.batches_per_epoch for loader in loaders] == [5, 5] and len(loaders[0]) == 5
+    assert [loader.batches_per_epoch for loader in loaders] == [4, 4] and len(loaders[0]) == 4
     rank_sets = []
     for ranks in epochs:
-        assert [len(batches) for batches in ranks] == [5, 5]
-        seen = [seen_keys(batches, keys) for batches in ranks]
-        assert sorted(seen[0] + seen[1]) == sorted(keys.values())  # each exactly once
-        assert [len(images) for images, _ in ranks[0]] == [8, 8, 8, 8, 3]
-        rank_sets.append(set(seen[0]))
+        assert [len(batches) for batches in ranks] == [4, 4]
+        seen = Counter(seen_keys(ranks[0], keys) + seen_keys(ranks[1], keys))
+        assert set(seen) == set(keys.values()) and sum(seen.values()) == 64 and max(seen.values()) == 2
+        assert [len(images) for images, _ in ranks[0]] == [8, 8, 8, 8]
+        rank_sets.append(set(seen_keys(ranks[0], keys)))
     assert rank_sets[0] != rank_sets[1]  # the next epoch reshuffles across ranks
 
 
-def test_uneven_split_gives_equal_batches_and_covers_everything(prepared):
-    # 70 over 3 ranks: 24 each (72 slots), so 2 samples are seen twice and none is missed.
-    keys = keys_by_pixels(prepared, "train")
+def test_uneven_split_gives_equal_batches(prepared):
+    # 63 over 3 ranks: 21 each, so 4 whole batches of 5 and one image per rank left for another epoch.
+    keys = training_keys(prepared)
     (ranks,), _ = epoch_per_rank(prepared, 3, batch_size=5, num_workers=2, seed=0)
-    assert [len(batches) for batches in ranks] == [5, 5, 5]
+    assert [len(batches) for batches in ranks] == [4, 4, 4]
     seen = Counter(key for batches in ranks for key in seen_keys(batches, keys))
-    assert set(seen) == set(keys.values()) and sum(seen.values()) == 72 and max(seen.values()) == 2
+    assert sum(seen.values()) == 60 and max(seen.values()) == 1
 
 
 def test_worker_count_does_not_change_what_a_rank_sees(prepared):
@@ -63,19 +96,19 @@ def test_worker_count_does_not_change_what_a_rank_sees(prepared):
     for workers in (0, 1, 2):
         loader = train_loader(prepared, batch_size=4, rank=1, world_size=2, num_workers=workers, seed=2)
         batches = list(loader)
-        assert len(batches) == loader.batches_per_epoch == 9
+        assert len(batches) == loader.batches_per_epoch == 8
         by_workers[workers] = sorted(seen_keys(batches, keys))
     assert by_workers[0] == by_workers[1] == by_workers[2]
 
 
 def test_epochs_advance_and_set_epoch_replays(prepared):
     keys = keys_by_pixels(prepared, "train")
-    loader = train_loader(prepared, batch_size=10, num_workers=0, seed=0)
+    loader = train_loader(prepared, batch_size=9, num_workers=0, seed=0)
     first, second = seen_keys(list(loader), keys), seen_keys(list(loader), keys)
     assert sorted(first) == sorted(second) and first != second
     loader.set_epoch(0)
     assert seen_keys(list(loader), keys) == first
-    resumed = train_loader(prepared, batch_size=10, num_workers=0, seed=0, epoch=1)
+    resumed = train_loader(prepared, batch_size=9, num_workers=0, seed=0, epoch=1)
     assert seen_keys(list(resumed), keys) == second
 
 
@@ -108,8 +141,6 @@ def test_eval_loader_is_deterministic_complete_and_limited(prepared):
     assert sorted(seen_keys(with_workers, keys)) == sorted(once)
     limited = eval_loader(prepared, batch_size=7, limit_batches=2)
     assert len(limited) == 2 and seen_keys(limited, keys) == once[:14]
-    train_keys = keys_by_pixels(prepared, "train")
-    assert len(seen_keys(eval_loader(prepared, split="train", batch_size=16), train_keys)) == 70
 
 
 def test_refuses_unfinished_or_altered_shard_folders(prepared, tmp_path):
@@ -127,7 +158,7 @@ def test_refuses_unfinished_or_altered_shard_folders(prepared, tmp_path):
     (altered / "stats.json").write_text(json.dumps(stats))
     with pytest.raises(FileNotFoundError, match="celeba64-000000.tar: missing or not the size"):
         ShardStream(altered, "train", 4)
-    with pytest.raises(ValueError, match="no 'val' shards"):
+    with pytest.raises(ValueError, match="no 'val' shards \\(splits: train, validation, test\\)"):
         eval_loader(prepared, split="val", batch_size=4)
 
 

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from genflow.data.split import split_ids
+from genflow.data.split import split_ids, train_count, validation_count
 
 CELEBA_IDS = [f"{i:06d}" for i in range(1, 202_599 + 1)]
 
@@ -40,3 +40,14 @@ def test_dropping_one_id_moves_at_most_one_other_across():
 def test_duplicate_ids_are_an_error():
     with pytest.raises(ValueError, match="not unique"):
         split_ids(["000001", "000001", "000002"], 0.7, seed=0)
+
+
+def test_train_count_uses_integer_arithmetic():
+    # int(0.7 * 90) is 62 in floating point; 7/10 of 90 is 63.
+    train, test = split_ids(CELEBA_IDS[:90], 0.7, seed=0)
+    assert (len(train), len(test)) == (63, 27)
+    assert [train_count(n, 0.7) for n in (10, 90, 170, 202_599)] == [7, 63, 119, 141_819]
+
+
+def test_validation_is_a_tenth_of_train_up_to_5000():
+    assert [validation_count(n) for n in (9, 70, 1400, 141_819)] == [0, 7, 140, 5000]

@@ -53,8 +53,12 @@ def test_registered_version_carries_metrics_card_and_alias(registered):
     client = mlflow.MlflowClient()
     assert str(version.version) == "1"
     stored = client.get_model_version("celeba64-vae", "1")
-    assert float(stored.tags["test.bits_per_dim"]) > 0
-    assert "bits_per_dim" in stored.description and "synthetic sample" in stored.description
+    assert float(stored.tags["test.bits_per_dim"]) > 0 and float(stored.tags["test.reconstruction_psnr"]) > 0
+    assert "reconstruction_psnr" in stored.description and "synthetic sample" in stored.description
+    # What the metrics were scored on, recorded on the version.
+    assert len(stored.tags["genflow.scored.dataset"]) == 64 and stored.tags["genflow.scored.split"] == "test"
+    assert stored.tags["genflow.scored.seed"] == "0" and stored.tags["genflow.scored.evaluation"] == "batches=2 batch_size=16"
+    assert "bits_per_dim" in stored.tags["genflow.scored.measures"].split(",")
     assert str(client.get_model_version_by_alias("celeba64-vae", "candidate").version) == "1"
     assert "candidate" in format_registry(params)
 
@@ -68,10 +72,10 @@ def test_registered_pyfunc_loads_and_samples(registered):
     assert np.array_equal(images, again) and not np.array_equal(images, other)
 
 
-def test_promotion_gate_refuses_worse_forces_and_requires_staging_first(registered):
+def test_promotion_gate_refuses_worse_forces_and_production_takes_only_the_current_staging(registered):
     params, _, _ = registered
     client = mlflow.MlflowClient()
-    with pytest.raises(PromotionRefused, match="never been in staging"):
+    with pytest.raises(PromotionRefused, match="not the current staging version"):
         promote(params, "celeba64-vae", "1", "production")
     assert "now staging" in promote(params, "celeba64-vae", "1", "staging", reason="first model")
     staged = client.get_model_version("celeba64-vae", "1")
@@ -79,8 +83,8 @@ def test_promotion_gate_refuses_worse_forces_and_requires_staging_first(register
     assert staged.tags["genflow.promoted.staging.by"] and staged.tags["genflow.promoted.staging.at"]
 
     worse = register_family("vae", params)
-    value = float(client.get_model_version("celeba64-vae", "1").tags["test.bits_per_dim"]) + 1.0
-    client.set_model_version_tag("celeba64-vae", str(worse.version), "test.bits_per_dim", str(value))
+    value = float(client.get_model_version("celeba64-vae", "1").tags["test.reconstruction_psnr"]) - 1.0
+    client.set_model_version_tag("celeba64-vae", str(worse.version), "test.reconstruction_psnr", str(value))
     with pytest.raises(PromotionRefused, match=r"worse than staging version 1"):
         promote(params, "celeba64-vae", str(worse.version), "staging")
     assert str(client.get_model_version_by_alias("celeba64-vae", "staging").version) == "1"
@@ -89,8 +93,32 @@ def test_promotion_gate_refuses_worse_forces_and_requires_staging_first(register
     assert client.get_model_version("celeba64-vae", str(worse.version)).tags["genflow.promoted.staging.forced"] == "true"
     assert str(client.get_model_version_by_alias("celeba64-vae", "staging").version) == str(worse.version)
 
-    assert "now production" in promote(params, "celeba64-vae", "1", "production")
-    assert str(client.get_model_version_by_alias("celeba64-vae", "production").version) == "1"
+    # Version 1 was staged once, but staging has moved on: it does not go to production.
+    with pytest.raises(PromotionRefused, match=f"not the current staging version \\(version {worse.version} is\\)"):
+        promote(params, "celeba64-vae", "1", "production")
+    assert "now production" in promote(params, "celeba64-vae", str(worse.version), "production")
+    assert str(client.get_model_version_by_alias("celeba64-vae", "production").version) == str(worse.version)
+
+
+def test_promotion_refuses_versions_scored_differently_naming_the_field(registered):
+    params, _, _ = registered
+    client = mlflow.MlflowClient()
+    staging = client.get_model_version_by_alias("celeba64-vae", "staging")
+    other = register_family("vae", params)
+    # Scored on other data, with a better metric: still not comparable.
+    client.set_model_version_tag("celeba64-vae", str(other.version), "genflow.scored.dataset", "f" * 64)
+    value = float(staging.tags["test.reconstruction_psnr"]) + 5.0
+    client.set_model_version_tag("celeba64-vae", str(other.version), "test.reconstruction_psnr", str(value))
+    with pytest.raises(PromotionRefused, match=r"scored differently \(dataset: f{64} vs [0-9a-f]{64}\)"):
+        promote(params, "celeba64-vae", str(other.version), "staging")
+    assert "[forced]" in promote(params, "celeba64-vae", str(other.version), "staging", force=True, reason="new data")
+
+
+def test_evaluation_behind_the_gate_is_seeded(registered):
+    params, _, _ = registered
+    first = evaluate_family("vae", params)
+    again = evaluate_family("vae", params)
+    assert first["elbo_nats"] == again["elbo_nats"] and first["bits_per_dim"] == again["bits_per_dim"]
 
 
 def test_cli_sample_writes_a_grid_and_refuses_attributes_for_an_unconditional_model(registered, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Ray Train end to end on CPU with in-memory data: DDP equivalence, failure recovery, resume,
 and the non-finite-loss stop."""
 
+import math
 import sys
 import threading
 import time
@@ -12,6 +13,7 @@ import pytest
 import ray.cloudpickle
 import torch
 
+from genflow.config import ParamsError
 from genflow.models.saved import load_model
 from genflow.train.loop import InMemoryBatches, NonFiniteLossError, ShardBatches
 from genflow.train.trainer import train
@@ -139,24 +141,42 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tiny_params, 
     assert result.metrics["step"] == 300
 
 
-def test_a_run_of_the_same_name_resumes(ray_local, tiny_params):
+def test_a_run_of_the_same_name_resumes_and_a_longer_one_is_another_run(ray_local, tiny_params):
     images, attrs = data()
     first = train("vae", tiny_params("train.workers=1", "train.max_steps=4", "train.checkpoint_every=2"),
                   batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="resume")
-    second = train("vae", tiny_params("train.workers=1", "train.max_steps=8", "train.checkpoint_every=2"),
+    second = train("vae", tiny_params("train.workers=1", "train.max_steps=4", "train.checkpoint_every=2"),
                    batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="resume")
     assert second.ray_run_name == first.ray_run_name
     assert second.mlflow_run_id == first.mlflow_run_id
     assert start_steps(second.mlflow_run_id) == [0, 4]
-    assert second.metrics["step"] == 8
-    # Another hyperparameter is another run, started from step 0.
-    third = train("vae", tiny_params("train.workers=1", "train.max_steps=4", "train.checkpoint_every=2", "train.lr=0.002"),
-                  batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="resume")
-    assert third.ray_run_name != first.ray_run_name
-    assert start_steps(third.mlflow_run_id) == [0]
+    # Issue 8 #3: another max_steps is another LR curve, so another run: from step 0, logging its
+    # own max_steps, its learning rate at step 4 halfway down its cosine (not the 4-step run's ~0).
+    longer = train("vae", tiny_params("train.workers=1", "train.max_steps=8", "train.checkpoint_every=2"),
+                   batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="resume")
+    assert longer.ray_run_name != first.ray_run_name
+    assert start_steps(longer.mlflow_run_id) == [0] and longer.metrics["step"] == 8
+    run = mlflow.MlflowClient().get_run(longer.mlflow_run_id)
+    assert run.data.params["train.max_steps"] == "8"
+    (lr_key,) = [key for key in run.data.metrics if key.startswith("train/lr")]
+    lr = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(longer.mlflow_run_id, lr_key)}
+    cosine_at_4_of_8 = 0.5 * (1 + math.cos(math.pi * 4 / 8))
+    assert lr[4] == pytest.approx(cosine_at_4_of_8 * float(run.data.params["train.lr"]), rel=1e-6)
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints_clean(ray_local, tiny_params):
+def test_explicit_run_name_with_changed_params_is_refused_naming_them(ray_local, tiny_params):
+    # Issue 8 #4: Ray would restore the old checkpoint under the new params' MLflow run.
+    images, attrs = data()
+    common = ["train.workers=1", "train.max_steps=2", "train.checkpoint_every=2", "train.run_name=named"]
+    train("vae", tiny_params(*common, "train.lr=0.001", "train.weight_decay=0.01"),
+          batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="named")
+    with pytest.raises(ParamsError, match=r"train\.lr: 0\.001 -> 0\.005; train\.weight_decay: 0\.01 -> 0\.1"):
+        train("vae", tiny_params(*common, "train.lr=0.005", "train.weight_decay=0.1"),
+              batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="named")
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints_clean_and_a_clean_resume_is_not_poisoned(
+        ray_local, tiny_params):
     images, attrs = data()
     params = tiny_params("train.workers=2", "train.max_steps=20", "train.checkpoint_every=1", "train.run_name=nan")
     with pytest.raises(NonFiniteLossError, match="step 3"):
@@ -169,6 +189,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints_clean(ray_l
         saved = torch.load(checkpoint / "optimizers.pt", weights_only=False)
         assert saved["step"] <= 3
         assert all(torch.isfinite(v).all() for v in load_model(checkpoint).state_dict().values() if v.is_floating_point())
+    # Issue 8 #5: the failure tag belonged to that attempt; resumed on clean data, the run finishes.
+    resumed = train("vae", params, batch_source=InMemoryBatches(images, attrs, 4), dataset_digest="nan")
+    assert resumed.mlflow_run_id == run.info.run_id and resumed.metrics["step"] == 20
 
 
 def test_resume_mid_epoch_after_a_crash_is_bit_exact(ray_local, tiny_params, shards, tmp_path):

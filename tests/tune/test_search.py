@@ -62,8 +62,8 @@ def tiny(root: Path, **settings) -> dict:
     return {
         "data": {"sample": {"dir": f"{root}/sample", "n": 120}, "shards": f"{root}/shards", "shard_size": 50,
                  "processes": 1},
-        "train": {"batch_size": 8, "log_every": 5, "max_failures": 0, "max_steps": MAX_STEPS, "checkpoint_every": 5,
-                  "loader_workers": 0, "storage_path": f"{root}/ray"},
+        "train": {"workers": 1, "batch_size": 8, "log_every": 5, "max_failures": 0, "max_steps": MAX_STEPS,
+                  "checkpoint_every": 5, "loader_workers": 0, "storage_path": f"{root}/ray"},
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db"},
         "models": {"vae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 8}},
         "tune": {"vae": search},

@@ -8,9 +8,9 @@ import optuna
 import pytest
 
 from genflow.config import ParamsError, load_params
-from genflow.tune.report import load_tuned, plot_axes, plot_search, write_table, write_tuned
-from genflow.tune.search import SearchResult
-from genflow.tune.space import SearchSpace, search_settings, trial_base, trial_params
+from genflow.track.identity import run_identity
+from genflow.tune.report import SearchResult, load_tuned, plot_axes, plot_search, write_table, write_tuned
+from genflow.tune.space import SearchSpace, overrides, search_settings, trial_base, trial_params
 
 KIND = "models.vae.kl.kind"
 SCHEDULE_SPACE = {
@@ -20,7 +20,7 @@ SCHEDULE_SPACE = {
     "models.vae.kl.warmup_steps": {"int": [5, 50], "when": {KIND: "linear"}},
     "models.vae.kl.cycle_steps": {"int": [5, 50], "when": {KIND: "cyclical"}},
     "models.vae.kl.ratio": {"uniform": [0.25, 1.0], "when": {KIND: "cyclical"}},
-    "models.vae.kl.gamma": {"loguniform": [10.0, 1000.0], "when": {KIND: "capacity"}},
+    "models.vae.kl.gamma": {"loguniform": [0.025, 2.5], "when": {KIND: "capacity"}},
     "models.vae.hidden_channels": {"choice": [[8, 16, 32, 32], [16, 16, 32, 32]]},
 }
 PER_KIND = {
@@ -48,7 +48,7 @@ def test_each_schedule_draws_only_its_own_params(tmp_path):
         kinds.add(kind)
         assert set(config) == {"train.lr", KIND, "models.vae.hidden_channels"} | PER_KIND[kind]
         assert config["models.vae.hidden_channels"] in SCHEDULE_SPACE["models.vae.hidden_channels"]["choice"]
-        trial = trial_params(trial_base(params, "vae"), "vae", config).family_config("vae")
+        trial = trial_params(trial_base(params, "vae", search_settings(params, "vae")), "vae", config).family_config("vae")
         assert trial.kl.kind == kind and list(trial.hidden_channels) == config["models.vae.hidden_channels"]
     assert kinds == set(PER_KIND)
 
@@ -92,9 +92,28 @@ def test_a_bad_point_to_evaluate_fails_early(tmp_path):
 def test_a_value_wrong_only_in_combination_is_left_to_its_trial(tmp_path):
     # norm_groups=16 is fine with hidden_channels [16, ...] and wrong with [8, ...]: the trial decides.
     params = params_with({"models.vae.norm_groups": {"choice": [8, 16]}}, tmp_path)
-    search_settings(params, "vae")
+    settings = search_settings(params, "vae")
     with pytest.raises(ParamsError, match="16 groups must divide every hidden channel count"):
-        trial_params(trial_base(params, "vae"), "vae", {"models.vae.norm_groups": 16})
+        trial_params(trial_base(params, "vae", settings), "vae", {"models.vae.norm_groups": 16})
+
+
+def test_trials_train_under_the_final_runs_conditions(tmp_path):
+    # Issue 8 #8: trials ran 1 worker (global batch 32) where the final run trains 2 (64), with its
+    # own data order: the winner was retrained under other conditions. A trial is now the very run
+    # the winner's values give: the same identity, workers, batch and loader workers included.
+    params = load_params(tmp_path / "none.yaml", ["models.vae.hidden_channels=[8,16,32,32]", "models.vae.norm_groups=8",
+                                                  "train.workers=2", "train.batch_size=16", "train.loader_workers=2",
+                                                  "tune.vae=" + json.dumps({"space": SCHEDULE_SPACE, "cpus_per_worker": 0.5})])
+    settings = search_settings(params, "vae")
+    config = {"train.lr": 1e-3, KIND: "linear", "models.vae.kl.weight": 1e-4, "models.vae.kl.warmup_steps": 10,
+              "models.vae.hidden_channels": [8, 16, 32, 32]}
+    trial = trial_params(trial_base(params, "vae", settings), "vae", config)
+    final = load_params(tmp_path / "none.yaml", [
+        "models.vae.hidden_channels=[8,16,32,32]", "models.vae.norm_groups=8", "train.workers=2",
+        "train.batch_size=16", "train.loader_workers=2", *overrides(config)])
+    assert run_identity("vae", trial, "d") == run_identity("vae", final, "d")
+    assert (trial.train.workers, trial.train.batch_size, trial.train.loader_workers) == (2, 16, 2)
+    assert trial.train.cpus_per_worker == 0.5  # the one difference: how many trials fit at once
 
 
 def fake_result(tmp_path) -> SearchResult:
