@@ -25,6 +25,8 @@ import traceback
 from pathlib import Path
 
 import pytest
+
+import genflow.config
 import ray.cloudpickle
 import torch
 import torch.distributed as dist
@@ -398,6 +400,7 @@ def test_an_alternating_two_optimizer_family_trains_on_two_ray_workers(ray_local
     from genflow.train.trainer import train
 
     monkeypatch.setitem(families._FAMILIES, name, f"{__name__}:{TOY_FAMILIES[name].__name__}")
+    monkeypatch.setitem(genflow.config._family_configs, name, lambda: ToyGANConfig)
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(32, 3, 64, 64, generator=generator) * 2 - 1
     attrs = (torch.rand(32, 40, generator=generator) > 0.5).float()
