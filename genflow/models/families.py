@@ -10,6 +10,7 @@ import importlib
 
 _FAMILIES: dict[str, str] = {
     "vae": "genflow.models.vae:VAE",
+    "flow": "genflow.models.flow:Flow",
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
