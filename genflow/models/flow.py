@@ -27,7 +27,8 @@ A density p on [0, 1)^D gives the discrete data P(k) = ∫_{bin k} p(y) dy ≥ e
 (Jensen), so the reported figure, an upper bound on the 8-bit data's −log2 P(k) / D, is
     bits/dim = −(log p(y) − D log 256) / (D log 2)
 with one draw of u per image (an unbiased estimate of the bound). That is the number RealNVP (3.02 on
-CelebA 64×64) and Glow report. A density that is uniform on [0, 1)^D scores exactly 8 bits/dim.
+CelebA 64×64, 8-bit) and Glow report; Glow's CelebA figure (1.03) is for 5-bit CelebA-HQ 256×256, the
+same convention with 32 levels, so not the same data. A density uniform on [0, 1)^D scores exactly 8.
 """
 
 from __future__ import annotations
