@@ -111,6 +111,29 @@ def test_log_det_and_log_prob_match_autograd_jacobian(masks):
     torch.testing.assert_close(flow.log_prob(x)[0], prior + expected_log_det, rtol=1e-9, atol=1e-9)
 
 
+def test_sampling_draws_each_z_from_the_prior_the_forward_pass_scores_it_under():
+    # reverse() conditions each factored-out z on the kept half; forward() must see the same half.
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(4)) - 0.5
+    flow = initialized_multiscale("channel", x)
+    generator = torch.Generator().manual_seed(5)
+    drawn = {}
+
+    def draw(level, mean, log_std):
+        z = mean + 0.8 * log_std.exp() * torch.randn(mean.shape, generator=generator)
+        drawn[level] = (z, mean, log_std)
+        return z
+
+    with torch.no_grad():
+        top = torch.randn(2, 24, 2, 2, generator=generator)  # 3 -> 12 (keep 6) -> 24 channels at 2×2
+        zs, priors, _ = flow(flow.reverse(top, draw))
+    torch.testing.assert_close(zs[-1], top, atol=1e-5, rtol=1e-5)
+    for level, (z, mean, log_std) in drawn.items():
+        torch.testing.assert_close(zs[level], z, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(priors[level][0], mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(priors[level][1], log_std, atol=1e-5, rtol=1e-5)
+    assert drawn[0][1].abs().max() > 1e-3  # the learned prior is not the trivial N(0, I) here
+
+
 def test_lu_conv_log_det_matches_slogdet_and_the_conv_applies_w():
     torch.manual_seed(0)
     conv = InvertibleConv1x1(6)
