@@ -337,8 +337,9 @@ def blocky_images(n: int, seed: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse.float(), size=64, mode="nearest") / 255
 
 
-def test_a_few_steps_of_training_lower_held_out_bits_per_dim():
-    model = tiny_flow()
+@pytest.mark.parametrize("masks", MASKS)
+def test_a_few_steps_of_training_lower_held_out_bits_per_dim(masks):
+    model = tiny_flow(masks=masks)
     train, held_out = blocky_images(64, seed=7), blocky_images(16, seed=8)
     model.initialize(batch_of(train[:16]))
     torch.manual_seed(0)
