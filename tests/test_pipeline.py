@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.models.tiny import TINY_CONFIGS
+
 pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -41,9 +43,11 @@ def project(tmp_path_factory):
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["data"]["sample"]["n"] = 120
     params["train"].update(max_steps=6, checkpoint_every=3, batch_size=8, log_every=1)
-    params["models"]["vae"].update(hidden_channels=[8, 16, 32, 32], latent_dim=8, norm_groups=4)
+    for family, section in params["models"].items():  # every family in dvc.yaml runs: each at its tiny size
+        section.update(TINY_CONFIGS[family])
     params["evaluate"].update(batches=2, batch_size=16, sample_n=4)
-    params["tune"]["vae"].update(trials=2, grace_period=3, max_concurrent=1)
+    for settings in params["tune"].values():
+        settings.update(trials=2, grace_period=3, max_concurrent=1)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], copy)
     run(["git", "-c", "user.email=ci@genflow", "-c", "user.name=ci", "commit", "-qam", "x", "--allow-empty"], copy)

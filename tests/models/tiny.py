@@ -5,6 +5,7 @@ One entry per family in genflow/models/families.py (the contract test checks tha
 
 TINY_CONFIGS: dict[str, dict] = {
     "vae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4},
+    "flow": {"levels": 2, "steps_per_level": 2, "hidden_channels": 8},
 }
 
 
