@@ -10,6 +10,7 @@ import importlib
 
 _FAMILIES: dict[str, str] = {
     "vae": "genflow.models.vae:VAE",
+    "ddpm": "genflow.models.ddpm:DDPM",
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
