@@ -495,7 +495,7 @@ class DDPM(GenerativeModel):
             raise ValueError(f"ddpm: unknown sampler {sampler!r}; choose ddpm or ddim")
         if sampler == "ddpm":
             if steps not in (None, timesteps) or eta is not None:
-                raise ValueError(f"ddpm: the ddpm sampler runs all T = {timesteps} steps (Algorithm 2) and has no η; "
+                raise ValueError(f"ddpm: the ddpm sampler runs all T = {timesteps} steps (Algorithm 2) and takes neither steps nor eta; "
                                  "for fewer steps use --sampler ddim --steps S (--eta 1 is ancestral)")
             return sampler, timesteps, 1.0
         steps = self.config.steps if steps is None else int(steps)

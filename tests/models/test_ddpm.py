@@ -185,7 +185,7 @@ def test_sampler_choices_are_checked():
     assert model.sampling_choices("ddpm", None, None) == ("ddpm", 20, 1.0)
     with pytest.raises(ValueError, match="ddpm sampler runs all T = 20 steps"):
         model.sample(1, sampler="ddpm", steps=5)
-    with pytest.raises(ValueError, match="has no η"):
+    with pytest.raises(ValueError, match="takes neither steps nor eta"):
         model.sample(1, sampler="ddpm", eta=0.5)
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         model.sample(1, sampler="euler")
