@@ -198,8 +198,9 @@ def test_sampler_choices_are_checked():
 # --- training: the EMA and the buffers -------------------------------------------------------------
 
 
-def test_ema_update_matches_its_formula():
-    model = small_ddpm(ema_decay=0.9)
+@pytest.mark.parametrize("warmup, step, decay", [(False, 1, 0.9), (False, 10_000, 0.9), (True, 5, 6 / 15), (True, 10_000, 0.9)])
+def test_ema_update_matches_its_formula(warmup, step, decay):
+    model = small_ddpm(ema_decay=0.9, ema_warmup=warmup)
     online = [torch.randn_like(p) for p in model.unet.parameters()]
     averaged = [torch.randn_like(p) for p in model.ema.parameters()]
     with torch.no_grad():
@@ -207,9 +208,10 @@ def test_ema_update_matches_its_formula():
             p.copy_(value)
         for p, value in zip(model.ema.parameters(), averaged):
             p.copy_(value)
-    model.after_step(1)
+    model.after_step(step)
+    # ema ← d·ema + (1 − d)·θ, d = min(0.9, (1 + k)/(10 + k)) with warm-up
     for p, before, theta in zip(model.ema.parameters(), averaged, online):
-        torch.testing.assert_close(p, 0.9 * before + 0.1 * theta)  # ema ← d·ema + (1 − d)·θ
+        torch.testing.assert_close(p, decay * before + (1 - decay) * theta)
 
 
 def test_training_moves_only_the_unet_and_the_ema_never_the_schedule():
