@@ -9,6 +9,7 @@ missing) and takes `-S key=value` overrides of any params key, as `dvc exp run -
     genflow registry list
     genflow registry promote celeba64-vae 3 --to staging
     genflow sample celeba64-vae@staging --n 64 --out grid.png
+    genflow sample celeba64-ddpm@staging --n 64 --out grid.png --sampler ddim --steps 50 --eta 0
     genflow tune vae --trials 8
     genflow submit --address http://HEAD:8265 -- train vae --workers 8 --gpu
 """
@@ -86,7 +87,8 @@ def cmd_registry_promote(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from genflow.track.registry import sample_grid
 
-    sample_grid(_params(args), args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed)
+    sample_grid(_params(args), args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed,
+                sampler=args.sampler, steps=args.steps, eta=args.eta)
     print(f"wrote {args.out}")
 
 
@@ -170,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attr", action="append", metavar="NAME=0|1", help="attribute condition (conditional models)")
+    p.add_argument("--sampler", help="diffusion: ddpm (all T steps) or ddim (default: the model's)")
+    p.add_argument("--steps", type=int, help="diffusion, ddim: denoising steps S (default: the model's)")
+    p.add_argument("--eta", type=float, help="diffusion, ddim: η, 0 deterministic .. 1 ancestral (default: the model's)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("submit", help="run a genflow subcommand on a Ray cluster (Ray Jobs API)")

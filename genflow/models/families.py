@@ -16,6 +16,7 @@ from genflow.config import register_family_configs
 _FAMILIES: dict[str, str] = {
     "vae": "genflow.models.vae:VAE",
     "flow": "genflow.models.flow:Flow",
+    "ddpm": "genflow.models.ddpm:DDPM",
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)

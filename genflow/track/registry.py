@@ -27,7 +27,7 @@ from genflow.images import save_grid
 from genflow.models.families import REGISTERED_PREFIX, family_of_registered, get_family, registered_name
 from genflow.track import mlflow as tracking
 from genflow.track.identity import finished_training_run
-from genflow.track.pyfunc import MODEL_ARTIFACT
+from genflow.track.pyfunc import MODEL_ARTIFACT, sampler_options
 
 PRIMARY_METRIC_TAG = "genflow.primary_metric"
 
@@ -194,8 +194,10 @@ def parse_model_reference(reference: str) -> str:
     raise ValueError(f"{reference!r}: give NAME@ALIAS (e.g. celeba64-vae@staging) or NAME/VERSION (e.g. celeba64-vae/3)")
 
 
-def sample_grid(params: Params, reference: str, n: int, out: str, attrs: list[str], seed: int = 0) -> None:
-    """Draw `n` images from a registered model and save them as one PNG grid."""
+def sample_grid(params: Params, reference: str, n: int, out: str, attrs: list[str], seed: int = 0,
+                sampler: str | None = None, steps: int | None = None, eta: float | None = None) -> None:
+    """Draw `n` images from a registered model and save them as one PNG grid; `sampler`, `steps`
+    and `eta` (None: the registered defaults) for families that have sampler choices."""
     import pandas as pd
     import torch
 
@@ -206,6 +208,10 @@ def sample_grid(params: Params, reference: str, n: int, out: str, attrs: list[st
     model = loaded.unwrap_python_model().model
     if attrs and not model.conditional:
         raise ValueError(f"{reference} is unconditional; --attr applies to conditional families")
+    try:
+        options = sampler_options(model, sampler=sampler, steps=steps, eta=eta)
+    except ValueError as err:
+        raise ValueError(f"{reference}: {err} (--sampler/--steps/--eta)") from None
     if attrs:
         vector = [0] * len(ATTRIBUTE_NAMES)
         for item in attrs:
@@ -214,7 +220,7 @@ def sample_grid(params: Params, reference: str, n: int, out: str, attrs: list[st
                 raise ValueError(f"--attr {item}: expected NAME=0|1 with NAME one of the {len(ATTRIBUTE_NAMES)} CelebA attributes")
             vector[ATTRIBUTE_NAMES.index(name)] = 1 if value == "1" else 0
         generator = torch.Generator().manual_seed(seed)
-        images = model.sample(n, cond=torch.tensor(vector, dtype=torch.float32).expand(n, -1), generator=generator)
+        images = model.sample(n, cond=torch.tensor(vector, dtype=torch.float32).expand(n, -1), generator=generator, **options)
     else:
-        images = torch.from_numpy(loaded.predict(pd.DataFrame({"n": [n], "seed": [seed]})))
+        images = torch.from_numpy(loaded.predict(pd.DataFrame({"n": [n], "seed": [seed], **{k: [v] for k, v in options.items()}})))
     save_grid(images, out)

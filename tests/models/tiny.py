@@ -6,6 +6,8 @@ One entry per family in genflow/models/families.py (the contract test checks tha
 TINY_CONFIGS: dict[str, dict] = {
     "vae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4},
     "flow": {"levels": 2, "steps_per_level": 2, "hidden_channels": 8},
+    "ddpm": {"channels": 8, "channel_multipliers": [1, 2], "attention_resolutions": [32], "norm_groups": 4,
+             "timesteps": 20, "steps": 5},
 }
 
 
