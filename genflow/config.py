@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -132,7 +132,8 @@ class Params(StrictModel):
             raise ParamsError(_describe(err, prefix=f"models.{family}.")) from None
 
 
-def _describe(err: ValidationError, prefix: str = "") -> str:
+def _describe(err: ValidationError, prefix: str = "", origin: Callable[[str], str] | None = None) -> str:
+    """One line per error, naming the key; `origin(key)`, when given, says where its value came from."""
     lines = []
     for e in err.errors():
         if not e["loc"]:  # raised by a whole-model validator: its message names the key itself
@@ -140,7 +141,8 @@ def _describe(err: ValidationError, prefix: str = "") -> str:
             continue
         where = prefix + ".".join(str(p) for p in e["loc"])
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"{where}: {e['msg']}{got}")
+        source = f", from {origin(where)}" if origin else ""
+        lines.append(f"{where}: {e['msg']}{got}{source}")
     return "; ".join(lines)
 
 
@@ -169,8 +171,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
-    """Read params.yaml (embedded defaults where it is missing), apply overrides, validate."""
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None,
+                flags: dict[str, str] | None = None) -> Params:
+    """Read params.yaml (embedded defaults where it is missing), apply overrides, validate.
+
+    `flags` maps an override to the command-line flag it stands for ("train.max_steps=0" ->
+    "--max-steps 0"): an error in its value names the flag, not params.yaml.
+    """
     path = Path(path or PARAMS_FILE)
     raw: dict[str, Any] = {}
     if path.exists():
@@ -180,11 +187,21 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
             raise ParamsError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    from_file = path.exists()
     raw = apply_overrides(raw, overrides or [])
+
+    def origin(key: str) -> str:
+        # The last override of the key (or of a section holding it) is the value validated.
+        for text in reversed(overrides or []):
+            overridden = ".".join(parse_override(text)[0])
+            if key == overridden or key.startswith(overridden + "."):
+                return (flags or {}).get(text) or f"-S {text}"
+        return str(path) if from_file else "the embedded defaults"
+
     try:
         return Params(**raw)
     except ValidationError as err:
-        raise ParamsError(f"{path}: invalid params: " + _describe(err)) from None
+        raise ParamsError("invalid params: " + _describe(err, origin=origin)) from None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
