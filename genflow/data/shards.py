@@ -29,6 +29,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import tarfile
 from dataclasses import asdict, dataclass
@@ -289,6 +290,11 @@ def _init_worker(source: ImageSource, root: Path, crop: int, size: int, pool_pro
         # One process per core already: torch's own threads would only contend. One thread
         # also keeps torch off the OpenMP pool that a forked child must not use.
         torch.set_num_threads(1)
+        # Ctrl+C reaches every process of the terminal's group: the parent alone handles it
+        # (terminates the pool, removes the temporary folder, prints one line); a pool process
+        # ended by that terminate (SIGTERM) just ends, without the parent's handler.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write_shard(task: _ShardTask) -> _ShardResult:
