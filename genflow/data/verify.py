@@ -7,6 +7,8 @@ and the recorded sha256. A content hash is computed when the file is new to this
 has changed since it was last verified (its size or mtime moved), and remembered by
 (path, size, mtime) in $GENFLOW_CACHE_DIR/verified-shards.json (default ~/.cache/genflow):
 a corrupted shard is caught the first time it is seen, and an unchanged one costs a stat.
+A file written less than 2 s before it was hashed is hashed again next time (git's "racy"
+rule: a second write within the same mtime tick would leave size and mtime as they were).
 The dataset digest (the run key's data part, MLflow's dataset) is made from the hashes
 verified here, so a run names the data it read.
 
@@ -23,10 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from genflow.data.loader import read_stats
+
+
+_RACY_NS = 2_000_000_000
 
 
 class ShardError(ValueError):
@@ -59,12 +65,17 @@ def verify_shards(shards: str | Path) -> dict[str, str]:
         if not (known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns):
             to_hash.append((path, stat))
     # hashlib releases the GIL on large reads: threads hash shards on every core.
+    hashed = {}
     with ThreadPoolExecutor(min(len(to_hash), os.cpu_count() or 1) or 1) as pool:
         for (path, stat), sha256 in zip(to_hash, pool.map(_sha256, (p for p, _ in to_hash))):
-            cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+            hashed[str(path)] = entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+            # As git does with its index: a file modified within the last seconds may be
+            # modified again within the same mtime tick, unseen; it is hashed again next time.
+            if time.time_ns() - stat.st_mtime_ns > _RACY_NS:
+                cache[str(path)] = entry
     for shard in listed:
         path = folder / shard["file"]
-        known = cache.get(str(path))
+        known = hashed.get(str(path)) or cache.get(str(path))
         if known and known["sha256"] != shard["sha256"] and not any(p.startswith(f"{path}:") for p in problems):
             problems.append(f"{path}: content differs from the sha256 stats.json records (changed or corrupted after prepare)")
     if to_hash:
@@ -73,7 +84,8 @@ def verify_shards(shards: str | Path) -> dict[str, str]:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise ShardError(f"{folder}: {len(problems)} of {len(listed)} shards are not what prepare wrote:\n  {shown}\n"
                          "run `genflow data prepare` again (or `dvc checkout`/`dvc repro` where DVC tracks the shards)")
-    return {shard["file"]: cache[str(folder / shard["file"])]["sha256"] for shard in listed}
+    return {shard["file"]: (hashed.get(str(folder / shard["file"])) or cache[str(folder / shard["file"])])["sha256"]
+            for shard in listed}
 
 
 def verified_digest(shards: str | Path) -> str:
