@@ -17,14 +17,25 @@ missing) and takes `-S key=value` overrides of any params key, as `dvc exp run -
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 import genflow  # noqa: F401  (turns telemetry off before Ray/MLflow/DVC load)
-from genflow.config import Params, ParamsError, load_params
+from genflow.config import PARAMS_FILE, Params, ParamsError, load_params
 
 
-def _params(args: argparse.Namespace, extra: list[str] | None = None) -> Params:
-    return load_params(args.params, list(extra or []) + list(args.set or []))
+def _params(args: argparse.Namespace, flags: dict[str, str] | None = None) -> Params:
+    """params.yaml (or --params) with the command's flags and -S overrides on top.
+
+    `flags` maps each override a flag stands for to the flag as typed ("train.max_steps=0":
+    "--max-steps 0"), so that a bad value is reported as the flag's.
+    """
+    if args.params is not None and not Path(args.params).is_file():
+        raise ParamsError(f"--params {args.params}: no such file; give an existing params file, or leave --params out "
+                          f"to read ./{PARAMS_FILE} (embedded defaults where it is missing)")
+    flags = flags or {}
+    return load_params(args.params, list(flags) + list(args.set or []), flags=flags)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -36,25 +47,25 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from genflow.data.shards import prepare
 
-    extra = []
+    flags = {}
     if args.source:
-        extra.append(f"data.source={args.source}")
+        flags[f"data.source={args.source}"] = f"--source {args.source}"
     if args.out:
-        extra.append(f"data.shards={args.out}")
-    prepare(_params(args, extra).data)
+        flags[f"data.shards={args.out}"] = f"--out {args.out}"
+    prepare(_params(args, flags).data)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from genflow.train.trainer import train
 
-    extra = []
+    flags = {}
     if args.workers is not None:
-        extra.append(f"train.workers={args.workers}")
+        flags[f"train.workers={args.workers}"] = f"--workers {args.workers}"
     if args.gpu:
-        extra.append("train.gpu=true")
+        flags["train.gpu=true"] = "--gpu"
     if args.max_steps is not None:
-        extra.append(f"train.max_steps={args.max_steps}")
-    result = train(args.family, _params(args, extra))
+        flags[f"train.max_steps={args.max_steps}"] = f"--max-steps {args.max_steps}"
+    result = train(args.family, _params(args, flags))
     print(f"run {result.mlflow_run_id}: {result.summary()}")
 
 
@@ -87,17 +98,49 @@ def cmd_registry_promote(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from genflow.track.registry import sample_grid
 
-    sample_grid(_params(args), args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed,
+    if args.n < 1:
+        raise ParamsError(f"--n {args.n}: the number of images must be at least 1")
+    params = _params(args)
+    check_model_reference(params, args.model)
+    sample_grid(params, args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed,
                 sampler=args.sampler, steps=args.steps, eta=args.eta)
     print(f"wrote {args.out}")
+
+
+def check_model_reference(params: Params, reference: str) -> None:
+    """NAME@ALIAS or NAME/VERSION must name something in the registry; say what is missing."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from genflow.track import mlflow as tracking
+    from genflow.track.registry import parse_model_reference
+
+    parse_model_reference(reference)  # the form
+    name, at, alias = reference.partition("@")
+    name, _, version = name.partition("/")
+    tracking.configure(params.tracking)
+    client = MlflowClient()
+    try:
+        tracking.with_retries(lambda: client.get_registered_model(name))
+    except MlflowException:
+        raise ParamsError(f"{reference}: no registered model {name!r}; see `genflow registry list`") from None
+    try:
+        if at:
+            tracking.with_retries(lambda: client.get_model_version_by_alias(name, alias))
+        else:
+            tracking.with_retries(lambda: client.get_model_version(name, version))
+    except MlflowException:
+        what = f"no version has alias {alias!r}" if at else f"has no version {version}"
+        fix = "promote one with `genflow registry promote`" if at else "see `genflow registry list`"
+        raise ParamsError(f"{reference}: {name} {what}; {fix}") from None
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from genflow.tune.search import SearchInterrupted, tune
 
-    extra = [f"tune.{args.family}.trials={args.trials}"] if args.trials is not None else []
+    flags = {f"tune.{args.family}.trials={args.trials}": f"--trials {args.trials}"} if args.trials is not None else {}
     try:
-        result = tune(args.family, _params(args, extra))
+        result = tune(args.family, _params(args, flags))
     except SearchInterrupted as interrupted:
         print(f"genflow: {interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
@@ -187,15 +230,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from genflow.submit import SubmitError
+    from genflow.track.mlflow import TrackingError
+    from genflow.train.interrupt import TrainingInterrupted, sigterm_as_keyboard_interrupt
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (ParamsError, FileNotFoundError, ValueError, ConnectionError, SubmitError) as err:
+        with sigterm_as_keyboard_interrupt():
+            args.func(args)
+    except (ParamsError, FileNotFoundError, ValueError, ConnectionError, SubmitError, TrackingError) as err:
         # Expected failures (bad params, missing data, refused promotion) end with one clear
         # line, not a traceback; anything else is a bug and keeps its traceback.
         print(f"genflow: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Written under temporary names: what did not fit was removed, earlier outputs are intact.
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"genflow: error: {args.command}: the disk is full{where} ({err.strerror}); free space (or point "
+              "data.shards / train.storage_path elsewhere) and run the same command again", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as interrupted:
+        print(f"genflow: {interrupted}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        # Every command writes to temporary names and renames at the end: nothing half-written.
+        print(f"genflow: {args.command}: interrupted; nothing half-written was kept; run the same command again",
+              file=sys.stderr)
+        return 130
     return 0
 
 

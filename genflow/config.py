@@ -147,8 +147,9 @@ def register_family_configs(config_classes: dict[str, Callable[[], type[StrictMo
     _family_configs.update(config_classes)
 
 
-def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """A pydantic error as `dotted.key: what is wrong (got value)`, one clause per problem."""
+def describe_validation_error(err: ValidationError, prefix: str = "", origin: Callable[[str], str] | None = None) -> str:
+    """A pydantic error as `dotted.key: what is wrong (got value)`, one clause per problem;
+    `origin(key)`, when given, says where the value came from."""
     lines = []
     for e in err.errors():
         message = e["msg"].removeprefix("Value error, ")
@@ -157,7 +158,8 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
             continue
         where = prefix + ".".join(str(p) for p in e["loc"])
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"{where}: {message}{got}")
+        source = f", from {origin(where)}" if origin else ""
+        lines.append(f"{where}: {message}{got}{source}")
     return "; ".join(lines)
 
 
@@ -186,8 +188,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
-    """Read params.yaml (embedded defaults where it is missing), apply overrides, validate."""
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None,
+                flags: dict[str, str] | None = None) -> Params:
+    """Read params.yaml (embedded defaults where it is missing), apply overrides, validate.
+
+    `flags` maps an override to the command-line flag it stands for ("train.max_steps=0" ->
+    "--max-steps 0"): an error in its value names the flag, not params.yaml.
+    """
     path = Path(path or PARAMS_FILE)
     raw: dict[str, Any] = {}
     if path.exists():
@@ -197,11 +204,21 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
             raise ParamsError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    from_file = path.exists()
     raw = apply_overrides(raw, overrides or [])
+
+    def origin(key: str) -> str:
+        # The last override of the key (or of a section holding it) is the value validated.
+        for text in reversed(overrides or []):
+            overridden = ".".join(parse_override(text)[0])
+            if key == overridden or key.startswith(overridden + "."):
+                return (flags or {}).get(text) or f"-S {text}"
+        return str(path) if from_file else "the embedded defaults"
+
     try:
         return Params(**raw)
     except ValidationError as err:
-        raise ParamsError(f"{path}: invalid params: " + describe_validation_error(err)) from None
+        raise ParamsError("invalid params: " + describe_validation_error(err, origin=origin)) from None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -30,7 +30,6 @@ a training run's identity (genflow/track/identity.py), as `train.workers` is.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -66,10 +65,10 @@ def read_stats(shards: str | Path) -> dict:
 
 
 def dataset_digest(shards: str | Path) -> str:
-    """One sha256 over every shard's sha256: names the exact data a model was trained on."""
-    stats = read_stats(shards)
-    lines = sorted(f"{shard['file']} {shard['sha256']}\n" for split in stats["shards"].values() for shard in split)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    """One sha256 over every shard's sha256, each verified against the file (genflow.data.verify)."""
+    from genflow.data.verify import verified_digest
+
+    return verified_digest(shards)
 
 
 class ShardStream(IterableDataset):

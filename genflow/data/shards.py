@@ -29,6 +29,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import tarfile
 from dataclasses import asdict, dataclass
@@ -89,7 +90,8 @@ def prepare(data: DataParams) -> dict:
     # split and never moves another image across (see split.py). The counts in stats.json are
     # of the kept images: floor(train_fraction * N) train only when nothing was rejected.
     train_names, test_names = split_ids(celeba.names, data.train_fraction, data.split_seed)
-    out = Path(data.shards)
+    out = Path(data.shards).resolve()
+    print(check_replaceable(out, source_path), file=sys.stderr)
     rejected_report = out.parent / f"{out.name}.rejected.json"
 
     with replaced_atomically(out) as tmp:
@@ -116,6 +118,48 @@ def prepare(data: DataParams) -> dict:
         file=sys.stderr,
     )
     return stats
+
+
+def check_replaceable(out: Path, source: Path) -> str:
+    """Refuse an output folder that prepare did not write; say what will happen to it.
+
+    Prepare replaces its output wholesale, so it may only replace its own earlier output: a
+    folder holding prepare's files and nothing else (its stats.json is written last, so a
+    folder with one is a finished output). Never the source, a folder containing it, or a
+    folder with anything of the user's in it.
+    """
+    out, source = out.resolve(), source.resolve()
+    fix = "choose another --out (data.shards), e.g. data/shards"
+    if out == source or source.is_relative_to(out):
+        raise ValueError(f"prepare: the output {out} {'is' if out == source else 'contains'} the source {source}; "
+                         f"replacing it would delete the source; {fix}")
+    if not out.exists():
+        return f"prepare: writing {out}"
+    if not out.is_dir():
+        raise ValueError(f"prepare: the output {out} is a file, not a folder; {fix}")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return f"prepare: writing {out} (an empty folder)"
+    foreign = [name for name in entries if name not in _OUTPUT_NAMES]
+    for split in SPLITS:
+        if (out / split).is_dir():
+            foreign += [f"{split}/{p.name}" for p in sorted((out / split).iterdir())
+                        if not (p.is_file() and _is_shard_name(p.name))]
+    if foreign or not (out / "stats.json").is_file():
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        what = f"holds files prepare did not write ({shown})" if foreign else "is not a finished prepare output (no stats.json)"
+        raise ValueError(f"prepare: the output {out} {what}; prepare replaces its output and never deletes "
+                         f"what it did not write; {fix}, or empty that folder yourself")
+    return f"prepare: replacing the earlier prepare output in {out}"
+
+
+# What a finished output holds: one folder per split, the manifest and stats.json.
+_OUTPUT_NAMES = {*SPLITS, "manifest.parquet", "stats.json"}
+
+
+def _is_shard_name(name: str) -> bool:
+    prefix, _, number = name.partition("-")
+    return prefix == SHARD_PATTERN.split("-")[0] and number.endswith(".tar") and number[:-4].isdigit()
 
 
 @dataclass
@@ -246,6 +290,11 @@ def _init_worker(source: ImageSource, root: Path, crop: int, size: int, pool_pro
         # One process per core already: torch's own threads would only contend. One thread
         # also keeps torch off the OpenMP pool that a forked child must not use.
         torch.set_num_threads(1)
+        # Ctrl+C reaches every process of the terminal's group: the parent alone handles it
+        # (terminates the pool, removes the temporary folder, prints one line); a pool process
+        # ended by that terminate (SIGTERM) just ends, without the parent's handler.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write_shard(task: _ShardTask) -> _ShardResult:

@@ -64,10 +64,36 @@ def _check_reachable(uri: str) -> None:
         ) from None
 
 
+def check_local_store(uri: str) -> None:
+    """A local store (SQLite file, or a folder for file: URIs) must be writable, with room for
+    its journal and artifacts beside it: checked at once, not found by SQLAlchemy minutes later."""
+    if uri.startswith("sqlite:///"):
+        path, kind = Path(uri[len("sqlite:///"):]), "SQLite database"
+        folder = path.parent
+    elif uri.startswith(("file:", "/", "./", "../")):
+        path, kind = Path(uri.removeprefix("file://").removeprefix("file:")), "file store"
+        folder = path
+    else:
+        return
+    fix = "make it writable, or point tracking.uri / MLFLOW_TRACKING_URI at a writable store"
+    if path.exists() and not (path.is_dir() if kind == "file store" else path.is_file()):
+        raise TrackingError(f"MLflow {kind} {path}: exists but is a {'file' if path.is_file() else 'folder'}; {fix}")
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise TrackingError(f"MLflow {kind} {path}: {existing} is a file, not a folder; {fix}")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        what = "the folder it is in" if existing == folder else f"{existing}, where its folder would be made,"
+        raise TrackingError(f"MLflow {kind} {path}: {what} is not writable (SQLite writes a journal beside the "
+                            f"database, MLflow its artifacts); {fix}")
+    if kind == "SQLite database" and path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise TrackingError(f"MLflow {kind} {path}: the file is read-only; {fix}")
+
+
 def configure(tracking: TrackingParams) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id."""
     uri = resolve_tracking_uri(tracking)
     _check_reachable(uri)
+    check_local_store(uri)
     users_choice = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     # set_tracking_uri also exports MLFLOW_TRACKING_URI; put back the user's own setting, so
@@ -160,16 +186,26 @@ class RankZeroLogger:
     def __init__(self, tracking_uri: str, run_id: str):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        # A resumed run repeats the steps between its checkpoint and the interruption: their
+        # points are in the history already and are not logged twice (one value per step).
+        self.logged_through = self._last_logged_steps()
         self._queue: queue.Queue[Callable[[], Any] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="genflow-mlflow-logger", daemon=True)
         self._thread.start()
 
+    def _last_logged_steps(self) -> dict[str, int]:
+        keys = with_retries(lambda: self.client.get_run(self.run_id)).data.metrics
+        return {key: max((m.step for m in with_retries(lambda: self.client.get_metric_history(self.run_id, key))), default=-1)
+                for key in keys if not key.startswith("system/")}
+
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Values may be tensors: they are read (and a GPU waited for) on the logging thread."""
         now = int(time.time() * 1000)
-        self._submit(lambda: self.client.log_batch(
-            self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()]))
+        fresh = {key: value for key, value in metrics.items() if step > self.logged_through.get(key, -1)}
+        if fresh:
+            self._submit(lambda: self.client.log_batch(
+                self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in fresh.items()]))
 
     def log_png(self, image: Any, artifact_file: str) -> None:
         """Log a PIL image as a PNG artifact at `artifact_file` (e.g. samples/step_000100.png)."""

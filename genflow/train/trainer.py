@@ -27,6 +27,7 @@ from genflow._telemetry import TELEMETRY_OFF
 from genflow.config import Params, RayParams, flatten
 from genflow.models.families import get_family
 from genflow.models.saved import MODEL_FILE
+from genflow.train.interrupt import CheckpointLedger, TrainingInterrupted, fit_stoppably, interrupted_message
 from genflow.train.loop import BatchSource, NonFiniteLossError, WorkerConfig, train_worker
 from genflow.track import mlflow as tracking
 from genflow.track.identity import IDENTITY_TAG, check_same_run, identity_key, run_identity
@@ -84,8 +85,10 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
     shards = Path(params.data.shards).resolve()
     if batch_source is None:
         from genflow.data.loader import dataset_digest as shards_digest
+        from genflow.data.verify import check_batch_fits
 
-        dataset_digest = shards_digest(shards)
+        dataset_digest = shards_digest(shards)  # verified: a bad shard fails here, before Ray starts
+        check_batch_fits(shards, params.train.batch_size, params.train.workers)
     identity = run_identity(family, params, dataset_digest or "in-memory")
     key = identity_key(identity)
     name = params.train.run_name or f"{family}-{key}"
@@ -110,10 +113,16 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
             mlflow.log_params(flatten({"model": params.family_config(family), "train": params.train, "data": params.data}))
             if batch_source is None:
                 log_dataset(shards, params, dataset_digest)
-        ensure_ray(params.ray)
-        trainer = torch_trainer(family, params, name=name, storage=storage, tracking_uri=tracking_uri,
-                                mlflow_run_id=run.info.run_id, batch_source=batch_source)
-        result = trainer.fit()
+        ledger = CheckpointLedger(tracking_uri, run.info.run_id, tracking.worker_env(tracking_uri))
+        try:
+            ensure_ray(params.ray)
+            trainer = torch_trainer(family, params, name=name, storage=storage, tracking_uri=tracking_uri,
+                                    mlflow_run_id=run.info.run_id, batch_source=batch_source, callbacks=[ledger])
+            result = fit_stoppably(trainer)
+        except KeyboardInterrupt:  # Ctrl+C or SIGTERM: the checkpoints Ray registered are kept
+            mlflow.end_run(status="KILLED")
+            tags = mlflow.get_run(run.info.run_id).data.tags
+            raise TrainingInterrupted(interrupted_message(family, tags, params.train.max_steps)) from None
         failure = mlflow.get_run(run.info.run_id).data.tags.get(tracking.FAILURE_TAG)
         if failure:
             mlflow.end_run(status="FAILED")

@@ -1,6 +1,7 @@
 import io
 import itertools
 import json
+import shutil
 import tarfile
 from collections import Counter
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from genflow.data.loader import ShardStream, dataset_digest, eval_loader, read_stats, train_loader
+from genflow.data.verify import ShardError
 
 
 def keys_by_pixels(shards, split):
@@ -165,7 +167,11 @@ def test_refuses_unfinished_or_altered_shard_folders(prepared, tmp_path):
 def test_dataset_digest_names_the_shard_contents(prepared, tmp_path):
     digest = dataset_digest(prepared)
     assert len(digest) == 64 and digest == dataset_digest(prepared)
-    stats = read_stats(prepared)
+    # The digest is of the verified files: a recorded hash the file does not have is an error,
+    # not another name (genflow.data.verify).
+    copy = shutil.copytree(prepared, tmp_path / "shards")
+    stats = read_stats(copy)
     stats["shards"]["test"][1]["sha256"] = "0" * 64
-    (tmp_path / "stats.json").write_text(json.dumps(stats))
-    assert dataset_digest(tmp_path) != digest
+    (copy / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ShardError, match="content differs from the sha256 stats.json records"):
+        dataset_digest(copy)

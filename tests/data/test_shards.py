@@ -220,3 +220,33 @@ def test_sample_source_warns_loudly(tmp_path, capsys):
     stats = prepare(DataParams(source="sample", sample={"dir": str(tmp_path / "sample")}, shards=str(tmp_path / "shards"), processes=1))
     assert stats["source"] == {"path": str(tmp_path / "sample"), "layout": "official", "is_sample": True}
     assert "This is NOT CelebA" in capsys.readouterr().err
+
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("out", ["user_folder", "source", "parent_of_source", "cwd"])
+def test_prepare_never_replaces_a_folder_it_did_not_write(tmp_path, prepare_into, monkeypatch, out):
+    write_sample(tmp_path / "data" / "s", n=12)
+    (tmp_path / "data" / "user_folder").mkdir()
+    (tmp_path / "data" / "user_folder" / "thesis.tex").write_text("years of work")
+    monkeypatch.chdir(tmp_path / "data")
+    target = {"user_folder": tmp_path / "data" / "user_folder", "source": tmp_path / "data" / "s",
+              "parent_of_source": tmp_path / "data", "cwd": "."}[out]
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="choose another --out"):
+        prepare_into(tmp_path / "data" / "s", target)
+    assert tree(tmp_path) == before  # nothing deleted, nothing left behind (no .tmp- folder)
+
+
+def test_prepare_replaces_its_own_output_and_says_so(tmp_path, prepare_into, capsys):
+    write_sample(tmp_path / "s", n=12)
+    prepare_into(tmp_path / "s", tmp_path / "shards")
+    assert f"prepare: writing {tmp_path / 'shards'}" in capsys.readouterr().err
+    prepare_into(tmp_path / "s", tmp_path / "shards", shard_size=4)
+    assert f"prepare: replacing the earlier prepare output in {tmp_path / 'shards'}" in capsys.readouterr().err
+    (tmp_path / "shards" / "train" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files prepare did not write \(train/notes.txt\)"):
+        prepare_into(tmp_path / "s", tmp_path / "shards")
+    assert (tmp_path / "shards" / "train" / "notes.txt").read_text() == "mine"
