@@ -35,6 +35,7 @@ class Row:
 ROWS: list[Row] = [
     Row("ddpm", "DDPM-1000", {"sampler": "ddpm"}),
     Row("ddpm", "DDIM-50", {"sampler": "ddim", "steps": 50, "eta": 0.0}, baseline="DDPM-1000"),
+    Row("flow", "T=0.7", {"temperature": 0.7}),  # one inverse pass; the temperature does not change the cost
 ]
 
 

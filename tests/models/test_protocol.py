@@ -144,13 +144,16 @@ def build(name: str, seed: int = 0) -> GenerativeModel:
     if name not in TINY_CONFIGS:
         pytest.fail(f"family {name!r} has no tiny config: add it to tests/models/tiny.py TINY_CONFIGS")
     model_class = get_family(name)
-    return model_class(model_class.config_class(**TINY_CONFIGS[name]))
+    model = model_class(model_class.config_class(**TINY_CONFIGS[name]))
+    model.initialize(batch_for(model, 8, seed=99))  # as the loop's setup does on a fresh run
+    return model
 
 
 def batch_for(model: GenerativeModel, n: int, seed: int) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     low, high = model.image_range
-    images = low + (high - low) * torch.rand(n, 3, 64, 64, generator=generator)
+    # 8-bit pixels k/255 in image_range, as the loader gives them (likelihood families recover k exactly).
+    images = low + (high - low) * torch.randint(0, 256, (n, 3, 64, 64), generator=generator) / 255
     return Batch(images, (torch.rand(n, 40, generator=generator) > 0.5).float())
 
 

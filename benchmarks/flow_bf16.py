@@ -1,7 +1,7 @@
-"""The flow's speed, measured in one run: sampling images/s (per temperature) and training images/s
-in fp32 against bf16 autocast, on a GPU when there is one, else on the CPU.
+"""The flow's training images/s in fp32 against bf16 autocast, measured in one run, on a GPU when
+there is one, else on the CPU (its sampling speed is a row of benchmarks/sampling.py).
 
-    python benchmarks/sampling_flow.py [--batch 32] [--steps 6] [--samples 64] [-S models.flow.key=value ...]
+    python benchmarks/flow_bf16.py [--batch 32] [--steps 6] [-S models.flow.key=value ...]
 
 The flow is params.yaml's `models.flow` (the embedded defaults) with random 8-bit images: speed does
 not depend on what was learned. Under bf16 autocast only the coupling nets and the prior convs run
@@ -18,6 +18,7 @@ import time
 import torch
 
 from genflow.config import load_params
+from genflow.models.families import get_family
 from genflow.models.flow import Flow
 from genflow.models.protocol import Batch
 
@@ -43,28 +44,17 @@ def training_images_per_s(model: Flow, batch: Batch, steps: int, bf16: bool) -> 
     return steps * len(batch.images) / (time.perf_counter() - start)
 
 
-def sampling_images_per_s(model: Flow, n: int, temperature: float) -> float:
-    device = model.device()
-    model.sample(n, generator=torch.Generator(device).manual_seed(0), temperature=temperature)  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    model.sample(n, generator=torch.Generator(device).manual_seed(1), temperature=temperature)
-    synchronize(device)
-    return n / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = load_params("params.yaml", args.overrides).family_config("flow")
     torch.manual_seed(0)
-    model = Flow(config).to(device)
+    model = get_family("flow")(config).to(device)
     images = torch.randint(0, 256, (args.batch, 3, 64, 64), device=device).float() / 255
     batch = Batch(images, torch.zeros(args.batch, 40, device=device))
     model.initialize(batch)
@@ -74,11 +64,6 @@ def main() -> None:
     fp32 = training_images_per_s(model, batch, args.steps, bf16=False)
     bf16 = training_images_per_s(model, batch, args.steps, bf16=True)
     print(f"training, batch {args.batch}:  fp32 {fp32:8.1f} images/s   bf16 autocast {bf16:8.1f} images/s   bf16/fp32 {bf16 / fp32:.2f}x")
-
-    model.eval()
-    for temperature in (config.temperature, 1.0):
-        rate = sampling_images_per_s(model, args.samples, temperature)
-        print(f"sampling {args.samples} at T={temperature}:  {rate:8.1f} images/s")
 
 
 if __name__ == "__main__":
