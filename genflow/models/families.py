@@ -10,6 +10,8 @@ import importlib
 
 _FAMILIES: dict[str, str] = {
     "vae": "genflow.models.vae:VAE",
+    "pixelcnn": "genflow.models.pixelcnn:PixelCNN",
+    "ebm": "genflow.models.ebm:EBM",
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)

@@ -53,11 +53,11 @@ HALF_BIN = 1.0 / 255.0
 
 
 class PixelCNNConfig(StrictModel):
-    hidden_channels: PositiveInt = Field(48, description="channels of each stack; a multiple of 3 for softmax")
-    layers: PositiveInt = Field(6, description="gated layers, the first one (mask A) included")
+    hidden_channels: PositiveInt = Field(24, description="channels of each stack; a multiple of 3 for softmax")
+    layers: PositiveInt = Field(4, description="gated layers, the first one (mask A) included")
     first_kernel: int = Field(7, ge=3, description="odd width of the first layer's kernels")
     kernel: int = Field(3, ge=3, description="odd width of the later layers' kernels")
-    head_channels: PositiveInt = Field(96, description="the 1×1 output head's hidden channels; a multiple of 3 for softmax")
+    head_channels: PositiveInt = Field(48, description="the 1×1 output head's hidden channels; a multiple of 3 for softmax")
     likelihood: Literal["softmax", "logistic_mixture"] = "logistic_mixture"
     mixture_components: PositiveInt = Field(5, description="K logistics per pixel (logistic_mixture)")
 

@@ -5,6 +5,8 @@ One entry per family in genflow/models/families.py (the contract test checks tha
 
 TINY_CONFIGS: dict[str, dict] = {
     "vae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4},
+    "pixelcnn": {"hidden_channels": 6, "layers": 2, "first_kernel": 3, "head_channels": 6, "mixture_components": 2},
+    "ebm": {"hidden_channels": [8, 16], "langevin_steps": 3, "buffer_size": 16, "sample_steps": 3},
 }
 
 
