@@ -1,7 +1,7 @@
 """Sampling images/s of the PixelCNN (with and without its cache) and of the EBM's Langevin
 chains, and training images/s in fp32 against bf16 autocast for both, measured in one run.
 
-    python benchmarks/sampling_ar_ebm.py [--n 16] [--uncached-size 8] [--size 64] [--device cpu|cuda]
+    python benchmarks/sampling_ar_ebm.py [--n 16] [--uncached-size 8] [--size 64] [--device cpu|cuda] [--threads 1]
 
 (benchmarks/sampling.py, shared with the diffusion family, was not in this branch; these entries
 can move into it.) The PixelCNN's uncached sampler runs the whole network once per sub-pixel, so
@@ -66,8 +66,10 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (on a shared machine, more threads oversubscribe it)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     params = load_params()
     torch.manual_seed(0)
 
