@@ -243,3 +243,35 @@ def test_training_separates_real_images_from_samples():
 def test_config_rejects_bad_keys_and_values(params, field):
     with pytest.raises(ValidationError, match=field):
         EBMConfig(**params)
+
+
+def _ddp_rank(rank: int, world_size: int, init_file: str, results: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    model = tiny_ebm(seed=0)  # the same initial weights on both ranks
+    torch.manual_seed(100 + rank)  # the loop seeds rank r with train.seed + r
+    wrapped = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        loss = wrapped(batch_of(blocky_images(2, seed=rank)), step)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save({"state_dict": model.state_dict(), **model.training_state()}, f"{results}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_under_ddp_weights_stay_in_sync_while_the_buffers_differ(tmp_path):
+    """Two gloo ranks: the chains inside the DDP forward do not upset DDP's one gradient
+    all-reduce per step (the weights stay identical), and each rank keeps its own buffer."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key in ranks[0]["state_dict"]:
+        torch.testing.assert_close(ranks[0]["state_dict"][key], ranks[1]["state_dict"][key], rtol=0, atol=1e-6)
+    assert not torch.equal(ranks[0]["replay_buffer"], ranks[1]["replay_buffer"])
+    assert not torch.equal(ranks[0]["state_dict"]["to_energy.weight"], tiny_ebm(seed=0).state_dict()["to_energy.weight"])
