@@ -394,7 +394,7 @@ class PixelCNN(GenerativeModel):
             if request[0] == "row done":
                 i = request[1]
                 vertical = levels_to_unit(levels[:, :, i : i + 1]).to(dtype)
-                for layer, window, index in zip(self.layers, windows, range(len(self.layers))):
+                for index, (layer, window) in enumerate(zip(self.layers, windows)):
                     r = layer.reach
                     window[:, :, :-1] = window[:, :, 1:].clone()
                     window[:, :, -1:, r : r + width] = vertical
