@@ -17,6 +17,8 @@ _FAMILIES: dict[str, str] = {
     "vae": "genflow.models.vae:VAE",
     "flow": "genflow.models.flow:Flow",
     "ddpm": "genflow.models.ddpm:DDPM",
+    "pixelcnn": "genflow.models.pixelcnn:PixelCNN",
+    "ebm": "genflow.models.ebm:EBM",
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)

@@ -8,6 +8,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "flow": {"levels": 2, "steps_per_level": 2, "hidden_channels": 8},
     "ddpm": {"channels": 8, "channel_multipliers": [1, 2], "attention_resolutions": [32], "norm_groups": 4,
              "timesteps": 20, "steps": 5},
+    "pixelcnn": {"hidden_channels": 6, "layers": 2, "first_kernel": 3, "head_channels": 6, "mixture_components": 2},
+    "ebm": {"hidden_channels": [8, 16], "langevin_steps": 3, "buffer_size": 16, "sample_steps": 3},
 }
 
 
