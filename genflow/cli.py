@@ -10,6 +10,8 @@ missing) and takes `-S key=value` overrides of any params key, as `dvc exp run -
     genflow registry promote celeba64-vae 3 --to staging
     genflow sample celeba64-vae@staging --n 64 --out grid.png
     genflow tune vae --trials 8
+    genflow fid samples/ data/shards:test [--extractor imagenet|celeba|inception] [--n N]
+    genflow report
     genflow submit --address http://HEAD:8265 -- train vae --workers 8 --gpu
 """
 
@@ -102,6 +104,12 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(result)
 
 
+def cmd_fid(args: argparse.Namespace) -> None:
+    from genflow.eval.fid import fid
+
+    print(fid(_params(args), args.a, args.b, args.extractor, args.n, args.save_stats))
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from genflow.submit import submit
 
@@ -171,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attr", action="append", metavar="NAME=0|1", help="attribute condition (conditional models)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("fid", help="Fréchet distance (and KID, precision, recall) between two image sets", parents=[common])
+    p.add_argument("a", help="a folder of images, a shard folder (DIR or DIR:SPLIT), a stats .npz, or NAME@ALIAS")
+    p.add_argument("b", nargs="?", help="the same kinds as A; omit it with --save-stats")
+    p.add_argument("--extractor", choices=["imagenet", "celeba", "inception"], default=None,
+                   help="feature network (default: evaluate.extractor, imagenet = EfficientNet-Lite0)")
+    p.add_argument("--n", type=int, help="images per set (default: all; a model: evaluate.samples/cpu_samples)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="write A's mu and sigma (float64), as pytorch-fid")
+    p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("submit", help="run a genflow subcommand on a Ray cluster (Ray Jobs API)")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
