@@ -113,7 +113,7 @@ class EvaluateParams(StrictModel):
     # Sample quality: generated images scored against as many test images.
     extractor: Literal["imagenet", "inception", "celeba"] = "imagenet"
     samples: int = Field(10_000, ge=2, description="images per set for fd/kid/precision/recall on a GPU")
-    cpu_samples: int = Field(500, ge=2, description="the same on CPU, where 10,000 would take an hour")
+    cpu_samples: int = Field(256, ge=2, description="the same on CPU, where 10,000 would take an hour")
     keep_features: int = Field(10_000, ge=2, description="feature vectors kept per set for KID and precision/recall")
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 import torch
 from torchmetrics.image.kid import poly_mmd
 
@@ -135,12 +136,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"statistics of different features: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-    s1, s2 = torch.from_numpy(sigma1), torch.from_numpy(sigma2)
-    values, vectors = torch.linalg.eigh((s1 + s1.T) / 2)
-    root1 = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
-    middle = root1 @ s2 @ root1
-    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    distance = float(((mu1 - mu2) ** 2).sum()) + float(s1.trace() + s2.trace() - 2 * trace_root)
+    # LAPACK's divide-and-conquer driver: several times faster than the default at d = 1280-2048.
+    values, vectors = scipy.linalg.eigh((sigma1 + sigma1.T) / 2, driver="evd")
+    root1 = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    middle = root1 @ sigma2 @ root1
+    trace_root = np.sqrt(scipy.linalg.eigh((middle + middle.T) / 2, eigvals_only=True, driver="evd").clip(min=0)).sum()
+    distance = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
     return max(distance, 0.0)
 
 

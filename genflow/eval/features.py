@@ -45,9 +45,8 @@ class Extractor:
         """uint8 images [B, 3, H, W] -> float32 features [B, dim] on the CPU."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"the {self.name} extractor takes uint8 RGB images [B, 3, H, W], got {images.dtype} {list(images.shape)}")
-        x = self.preprocess(images.to(self.device))
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        # channels_last on every device: ~1.5x on this CPU for EfficientNet's depthwise convs.
+        x = self.preprocess(images.to(self.device)).contiguous(memory_format=torch.channels_last)
         return self.network.features(x).float().cpu()
 
 
@@ -72,9 +71,7 @@ def load_extractor(name: str, evaluate, device: torch.device | str = "cpu") -> E
         extractor = Extractor(name, network, featurizer.preprocess, network.feature_dim, digest)
     else:
         raise ValueError(f"unknown feature extractor {name!r}; known: {', '.join(EXTRACTORS)}")
-    extractor.network.to(device)
-    if device.type == "cuda":
-        extractor.network.to(memory_format=torch.channels_last)
+    extractor.network.to(device, memory_format=torch.channels_last)
     extractor.device = device
     return extractor
 
