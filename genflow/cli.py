@@ -110,6 +110,13 @@ def cmd_fid(args: argparse.Namespace) -> None:
     print(fid(_params(args), args.a, args.b, args.extractor, args.n, args.save_stats))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from genflow.eval.compare import report
+
+    written = report(_params(args))
+    print(f"wrote {written['html']} and {written['md']}")
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from genflow.submit import submit
 
@@ -188,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="images per set (default: all; a model: evaluate.samples/cpu_samples)")
     p.add_argument("--save-stats", metavar="OUT.npz", help="write A's mu and sigma (float64), as pytorch-fid")
     p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("report", help="every evaluated family side by side (reports/index.html)", parents=[common])
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("submit", help="run a genflow subcommand on a Ray cluster (Ray Jobs API)")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
