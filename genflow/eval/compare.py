@@ -159,6 +159,7 @@ def trilemma_plot(results: list[FamilyResult]) -> Image.Image | None:
     for r, x, y in zip(points, speeds, quality):
         axes.annotate(r.name, (x, y), textcoords="offset points", xytext=(7, 5))
     axes.set_xscale("log")
+    axes.margins(x=0.3, y=0.15)  # room for the labels
     axes.invert_yaxis()  # better quality upwards
     axes.set_xlabel("sampling speed (images/s, log scale) →")
     axes.set_ylabel("← FD EffNet (lower = better quality)")
