@@ -146,7 +146,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
-                    seed: int = 0) -> tuple[float, float]:
+                    seed: int = 0, device: torch.device | str = "cpu") -> tuple[float, float]:
     """KID (Bińkowski et al. 2018, Eq. 3 with the cubic kernel k(x, y) = (xᵀy / d + 1)³): the
     unbiased MMD² estimate averaged over `subsets` random subsets of `subset_size` (capped at the
     smaller set); returns (mean, standard deviation over subsets). torchmetrics' `poly_mmd` is
@@ -155,11 +155,11 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, 
     if size < 2:
         raise ValueError(f"KID needs at least 2 feature vectors per set, got {len(real)} and {len(fake)}")
     generator = torch.Generator().manual_seed(seed)
-    real, fake = real.double(), fake.double()
+    real, fake = real.to(device, torch.float64), fake.to(device, torch.float64)
     values = []
     for _ in range(subsets):
-        r = real[torch.randperm(len(real), generator=generator)[:size]]
-        f = fake[torch.randperm(len(fake), generator=generator)[:size]]
+        r = real[torch.randperm(len(real), generator=generator)[:size].to(device)]
+        f = fake[torch.randperm(len(fake), generator=generator)[:size].to(device)]
         values.append(poly_mmd(r, f, degree=3, gamma=None, coef=1.0))
     stacked = torch.stack(values)
     return float(stacked.mean()), float(stacked.std()) if subsets > 1 else 0.0
@@ -186,12 +186,13 @@ def _share_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tens
     return inside / len(points)
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, block: int = 1024) -> tuple[float, float]:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, block: int = 1024,
+                     device: torch.device | str = "cpu") -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019, Eq. 1-3): the real (generated)
     manifold is the union of balls around each real (generated) vector with the radius of its
     k-th nearest neighbour; precision = share of generated vectors inside the real manifold
     (quality), recall = share of real vectors inside the generated manifold (diversity)."""
-    real, fake = real.float(), fake.float()
+    real, fake = real.to(device, torch.float32), fake.to(device, torch.float32)
     precision = _share_inside(fake, real, _kth_neighbour_radii(real, k, block), block)
     recall = _share_inside(real, fake, _kth_neighbour_radii(fake, k, block), block)
     return precision, recall

@@ -150,8 +150,9 @@ def compare(a: SavedStats, b: SavedStats, suffix: str, params: Params) -> dict[s
     metrics = {f"fd_{suffix}": frechet_distance(a.mu, a.sigma, b.mu, b.sigma)}
     if a.features is not None and b.features is not None:
         e = params.evaluate
-        kid, kid_std = kernel_distance(a.features, b.features, e.kid_subsets, e.kid_subset_size, seed=params.train.seed)
-        precision, recall = precision_recall(a.features, b.features, k=e.pr_k)
+        device = device_of(params)  # 10,000 x 10,000 distances: on the GPU where there is one
+        kid, kid_std = kernel_distance(a.features, b.features, e.kid_subsets, e.kid_subset_size, seed=params.train.seed, device=device)
+        precision, recall = precision_recall(a.features, b.features, k=e.pr_k, device=device)
         metrics.update({f"kid_{suffix}": kid, f"kid_{suffix}_std": kid_std,
                         f"precision_{suffix}": precision, f"recall_{suffix}": recall})
     return metrics
