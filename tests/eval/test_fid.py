@@ -59,3 +59,15 @@ def test_bad_input_ends_with_one_clear_line(tmp_path, capsys):
     assert main(["fid", str(folder), "--params", "none.yaml"]) == 2
     assert "give two sets" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_registered_model_is_sampled_on_the_fly(tmp_path, capsys, monkeypatch):
+    from genflow.eval import fid as fid_module
+    from tests.eval.test_quality import tiny_vae
+
+    loaded = []
+    monkeypatch.setattr(fid_module, "load_registered", lambda params, reference, device: loaded.append(reference) or tiny_vae())
+    folder = write_folder(tmp_path / "a", 0, n=4)
+    output = run(capsys, "celeba64-vae@staging", str(folder), "--n", "4")
+    assert loaded == ["celeba64-vae@staging"]
+    assert "(n = 4 vs 4)" in output and fd_of(output) > 0
