@@ -18,7 +18,7 @@ import time
 import torch
 
 from genflow.config import load_params
-from genflow.eval import effnet, featurizer, inception
+from genflow.eval import featurizer, inception
 from genflow.eval.features import Extractor, StreamTimes, load_extractor, stream_features
 from genflow.eval.fid import sample_batches
 from genflow.models.families import get_family

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from genflow.cli import main
-from genflow.eval.distances import SavedStats
 from genflow.eval.fid import Source
 
 
