@@ -73,7 +73,7 @@ def sample_batches(model, n: int, batch_size: int, seed: int, conditions: torch.
         yield model.sample(size, cond=cond, generator=generator).cpu()
 
 
-def test_conditions(shards: str | Path, n: int) -> torch.Tensor:
+def conditions_of_test_split(shards: str | Path, n: int) -> torch.Tensor:
     """Attribute vectors [<= n, 40] of the test split's first images: what a conditional model is
     asked for, so that its samples are compared with test faces of the same attributes."""
     from genflow.data.loader import ShardStream
@@ -139,7 +139,7 @@ class Source:
         else:
             model = load_registered(params, self.location, extractor.device)
             n = n or default_samples(params, extractor.device)
-            conditions = test_conditions(params.data.shards, n) if model.conditional else None
+            conditions = conditions_of_test_split(params.data.shards, n) if model.conditional else None
             batches = sample_batches(model, n, batch_size, params.train.seed, conditions)
         return SavedStats.of(stream_features(extractor, batches, keep=keep, limit=n, times=times))
 

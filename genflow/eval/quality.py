@@ -23,7 +23,7 @@ from genflow.config import Params
 from genflow.data.celeba import ATTRIBUTE_NAMES
 from genflow.eval.distances import SavedStats
 from genflow.eval.features import StreamTimes, load_extractor, real_stats, stream_features
-from genflow.eval.fid import compare, default_samples, sample_batches, test_conditions
+from genflow.eval.fid import compare, default_samples, sample_batches, conditions_of_test_split
 from genflow.models.protocol import GenerativeModel
 
 
@@ -33,7 +33,7 @@ def sample_quality(model: GenerativeModel, params: Params, device: torch.device,
     n = default_samples(params, device)
     real = real_stats(extractor, params.data.shards, "test", n, e.keep_features, e.batch_size, e.stats_cache)
     n = min(n, real.count)  # a small test split: as many generated images as real ones
-    conditions = test_conditions(params.data.shards, n) if model.conditional else None
+    conditions = conditions_of_test_split(params.data.shards, n) if model.conditional else None
     batches: Iterator[torch.Tensor] = sample_batches(model, n, e.batch_size, params.train.seed, conditions)
     checker = attribute_checker(params, device, log) if model.conditional else None
     if checker is not None:
