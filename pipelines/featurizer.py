@@ -15,8 +15,8 @@ def main() -> None:
     params = stage_params()
     config = params.evaluate.featurizer
     scores = train_featurizer(params.data.shards, config)
-    tracking.configure(params.tracking)
-    with mlflow.start_run(run_name="featurizer", tags={"genflow.role": "featurizer"}):
+    experiment_id = tracking.configure(params.tracking)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="featurizer", tags={"genflow.role": "featurizer"}):
         mlflow.log_params({f"evaluate.featurizer.{k}": v for k, v in config.model_dump().items()})
         mlflow.log_metrics({k.replace("accuracy/", "accuracy_"): float(v) for k, v in scores.items()})
         mlflow.log_artifact(config.path, artifact_path="featurizer")

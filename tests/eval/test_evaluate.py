@@ -38,3 +38,16 @@ def test_evaluate_reports_sample_quality_into_the_training_run(tmp_path, eval_sh
     assert metrics["train_images_per_s"] == 200.0  # the median of the run's windows
     logged = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     assert logged["test/fd_effnet"] == metrics["fd_effnet"] and logged["test/fd_effnet_n"] == 6
+
+    # genflow report on top: the row, the run's sample grid and the VAE's latent pictures, logged.
+    import json
+
+    from genflow.eval.compare import report
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "vae.json").write_text(json.dumps(metrics))
+    written = report(params, out_dir=tmp_path / "reports", metrics_dir=tmp_path / "metrics")
+    assert {"samples_vae.png", "interpolations_vae.png", "trilemma.png"} <= set(written)
+    assert "<td>vae</td>" in written["html"].read_text()
+    runs = mlflow.search_runs(experiment_ids=[experiment], filter_string="tags.`genflow.role` = 'report'")
+    assert len(runs) == 1
