@@ -44,3 +44,22 @@ def test_accuracy_and_majority_baseline_against_a_hand_count():
     assert scores["majority_baseline"] == pytest.approx((0.75 + 39 * 1.0) / 40)
     hits, asked = attribute_hits(Constant(8), torch.zeros(4, 3, 64, 64, dtype=torch.uint8), attrs)
     assert hits[0] == 3 and asked[0] == 3 and asked[1:].sum() == 0
+
+
+def test_the_featurizer_stage_writes_metrics_and_logs_a_run(eval_shards, tmp_path, monkeypatch):
+    import json
+
+    import mlflow
+    import yaml
+
+    from pipelines.featurizer import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "data": {"shards": str(eval_shards)}, "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        "evaluate": {"featurizer": {"steps": 2, "batch_size": 8, "width": 8}}}))
+    main()
+    scores = json.loads((tmp_path / "metrics/featurizer.json").read_text())
+    assert 0 <= scores["accuracy"] <= 1 and (tmp_path / "models/featurizer/celeba.pt").is_file()
+    runs = mlflow.search_runs(experiment_names=["celeba64"], filter_string="tags.`genflow.role` = 'featurizer'")
+    assert len(runs) == 1 and runs["metrics.accuracy"][0] == scores["accuracy"]
