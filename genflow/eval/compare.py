@@ -6,8 +6,8 @@
 - the generative-learning trilemma (Xiao et al. 2022) as measured here: sample quality (fd_effnet,
   lower is better) against sampling speed (images/s, log scale), diversity (recall_effnet) as colour;
 - a grid of samples per family (its run's evaluation/samples.png);
-- for families with a latent space (a model with `encode` and `decode`, the VAE's interface:
-  encode -> (posterior mean, ...), decode -> per-pixel logits): interpolations between test faces,
+- for families with a latent posterior (the VAE's interface: `encode` -> (posterior mean,
+  log-variance), `decode` -> per-pixel logits): interpolations between test faces,
   and attribute vectors (Upchurch et al. 2017 / Larsen et al. 2016: mean latent of test faces with
   the attribute minus the mean of those without) moving one face along Smiling, Eyeglasses, Male.
 
@@ -94,9 +94,10 @@ def has_latent_space(model) -> bool:
 
 
 @torch.no_grad()
-def _latents(model, images: torch.Tensor) -> torch.Tensor:
+def _latents(model, images: torch.Tensor) -> torch.Tensor | None:
+    """Posterior means, or None where `encode` is not a posterior's (mean, log-variance)."""
     encoded = model.encode(images.to(model.device()))
-    return encoded[0] if isinstance(encoded, tuple) else encoded
+    return encoded[0] if isinstance(encoded, tuple) and len(encoded) == 2 else None
 
 
 @torch.no_grad()
@@ -117,11 +118,14 @@ def first_test_faces(shards: str | Path, n: int, image_range: tuple[float, float
     return torch.cat(images)[:n], torch.cat(attrs)[:n]
 
 
-def latent_pictures(model, images: torch.Tensor, attrs: torch.Tensor) -> tuple[Image.Image, Image.Image, list[str]]:
+def latent_pictures(model, images: torch.Tensor, attrs: torch.Tensor) -> tuple[Image.Image, Image.Image, list[str]] | None:
     """(interpolations between pairs of test faces, one face moved along each attribute vector,
-    the attributes shown). Rows of STEPS images; the ends of an interpolation are the decoded
-    latents of the two faces, α runs from -1 (attribute removed) to 2 along a vector."""
+    the attributes shown), or None where the model has no posterior. Rows of STEPS images; the
+    ends of an interpolation are the decoded latents of the two faces, α runs from -1 (attribute
+    removed) to 2 along a vector."""
     z = _latents(model, images)
+    if z is None:
+        return None
     rows = []
     for a, b in ((0, 1), (2, 3), (4, 5)):
         if b < len(z):
@@ -199,7 +203,10 @@ def build_report(results: list[FamilyResult], out_dir: Path, shards: str | Path 
             pictures[f"samples_{r.name}.png"] = (r.samples, f"{r.name}: samples")
         if has_latent_space(r.model) and shards is not None:
             images, attrs = first_test_faces(shards, 256, r.model.image_range)
-            interpolations, moved, shown = latent_pictures(r.model.eval(), images, attrs)
+            pictured = latent_pictures(r.model.eval(), images, attrs)
+            if pictured is None:
+                continue
+            interpolations, moved, shown = pictured
             pictures[f"interpolations_{r.name}.png"] = (interpolations, f"{r.name}: interpolations between test faces")
             if moved is not None:
                 caption = f"{r.name}: one test face along attribute vectors (rows: {', '.join(shown)}; α from −1 to 2)"
