@@ -11,6 +11,8 @@ missing) and takes `-S key=value` overrides of any params key, as `dvc exp run -
     genflow sample celeba64-vae@staging --n 64 --out grid.png
     genflow sample celeba64-ddpm@staging --n 64 --out grid.png --sampler ddim --steps 50 --eta 0
     genflow tune vae --trials 8
+    genflow fid samples/ data/shards:test [--extractor imagenet|celeba|inception] [--n N]
+    genflow report
     genflow submit --address http://HEAD:8265 -- train vae --workers 8 --gpu
 """
 
@@ -147,6 +149,19 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(result)
 
 
+def cmd_fid(args: argparse.Namespace) -> None:
+    from genflow.eval.fid import fid
+
+    print(fid(_params(args), args.a, args.b, args.extractor, args.n, args.save_stats))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from genflow.eval.compare import report
+
+    written = report(_params(args))
+    print(f"wrote {written['html']} and {written['md']}")
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from genflow.submit import submit
 
@@ -219,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="diffusion, ddim: denoising steps S (default: the model's)")
     p.add_argument("--eta", type=float, help="diffusion, ddim: η, 0 deterministic .. 1 ancestral (default: the model's)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("fid", help="Fréchet distance (and KID, precision, recall) between two image sets", parents=[common])
+    p.add_argument("a", help="a folder of images, a shard folder (DIR or DIR:SPLIT), a stats .npz, or NAME@ALIAS")
+    p.add_argument("b", nargs="?", help="the same kinds as A; omit it with --save-stats")
+    p.add_argument("--extractor", choices=["imagenet", "celeba", "inception"], default=None,
+                   help="feature network (default: evaluate.extractor, imagenet = EfficientNet-Lite0)")
+    p.add_argument("--n", type=int, help="images per set (default: all; a model: evaluate.samples/cpu_samples)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="write A's mu and sigma (float64), as pytorch-fid")
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("report", help="every evaluated family side by side (reports/index.html)", parents=[common])
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("submit", help="run a genflow subcommand on a Ray cluster (Ray Jobs API)")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")

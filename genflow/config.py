@@ -99,11 +99,36 @@ class RayParams(StrictModel):
     address: str = Field("", description="Ray cluster address; empty = start Ray locally")
 
 
+class FeaturizerParams(StrictModel):
+    """The `celeba` feature extractor: a 40-attribute classifier that DVC stage `featurizer` trains."""
+
+    path: str = "models/featurizer/celeba.pt"
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    width: int = Field(16, ge=8, multiple_of=8, description="channels of the first conv block (doubled per block; GroupNorm(8))")
+    seed: int = 0
+    # Features (and attribute checks) are refused below this held-out mean attribute accuracy;
+    # always predicting each attribute's majority value scores ~0.80 on CelebA.
+    min_accuracy: float = Field(0.85, ge=0.0, le=1.0)
+
+
 class EvaluateParams(StrictModel):
     batches: int = Field(8, ge=1, description="test batches evaluated")
     batch_size: int = Field(64, ge=1)
     sample_n: int = Field(64, ge=1)
     seed: int = Field(0, description="the noise of stochastic metrics (a VAE's ELBO): versions are scored alike")
+    # Sample quality: generated images scored against as many test images.
+    extractor: Literal["imagenet", "inception", "celeba"] = "imagenet"
+    samples: int = Field(10_000, ge=2, description="images per set for fd/kid/precision/recall on a GPU")
+    cpu_samples: int = Field(256, ge=2, description="the same on CPU, where 10,000 would take an hour")
+    keep_features: int = Field(10_000, ge=2, description="feature vectors kept per set for KID and precision/recall")
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    pr_k: int = Field(3, ge=1, description="k of the k-NN manifolds (Kynkäänniemi et al. 2019)")
+    inception_weights: str = Field("", description="pytorch-fid's pt_inception-2015-12-05-6726825d.pth; or GENFLOW_INCEPTION_WEIGHTS")
+    stats_cache: str = Field("data/eval_stats", description="cached statistics of real images, per extractor")
+    featurizer: FeaturizerParams = FeaturizerParams()
 
 
 class Params(StrictModel):

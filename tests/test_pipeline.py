@@ -45,7 +45,8 @@ def project(tmp_path_factory):
     params["train"].update(max_steps=6, checkpoint_every=3, batch_size=8, log_every=1)
     for family, section in params["models"].items():  # every family in dvc.yaml runs: each at its tiny size
         section.update(TINY_CONFIGS[family])
-    params["evaluate"].update(batches=2, batch_size=16, sample_n=4)
+    params["evaluate"].update(batches=2, batch_size=16, sample_n=4, cpu_samples=8, kid_subsets=3)
+    params["evaluate"]["featurizer"].update(steps=5, width=8)
     for settings in params["tune"].values():
         settings.update(trials=2, grace_period=3, max_concurrent=1)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -58,13 +59,16 @@ def project(tmp_path_factory):
 
 def test_dvc_repro_runs_every_stage_and_registers_a_candidate(project):
     output = run(["dvc", "repro"], project)
-    for stage in ("synth", "prepare", "tune@vae", "train@vae", "evaluate@vae", "register@vae"):
+    for stage in ("synth", "prepare", "tune@vae", "train@vae", "featurizer", "evaluate@vae", "register@vae", "report"):
         assert f"Running stage '{stage}'" in output
     assert "NOT CelebA" in output  # prepare says loudly that the sample is synthetic
     stats = json.loads((project / "data/shards/stats.json").read_text())
     assert stats["counts"]["train"] == 84 and stats["counts"]["test"] == 36
     evaluation = json.loads((project / "metrics/evaluate/vae.json").read_text())
     assert evaluation["bits_per_dim"] > 0 and evaluation["images"] == 32
+    assert evaluation["fd_effnet"] > 0 and evaluation["fd_effnet_n"] == 8 and "recall_effnet" in evaluation
+    assert 0 <= json.loads((project / "metrics/featurizer.json").read_text())["accuracy"] <= 1
+    assert "<td>vae</td>" in (project / "reports/index.html").read_text()
     tuned = yaml.safe_load((project / "tuned/vae.yaml").read_text())
     assert tuned["models"]["vae"]["kl"]["kind"] in {"constant", "linear", "cyclical", "capacity"}
     trained_with = mlflow_params(project, json.loads((project / "metrics/train/vae.json").read_text())["run_id"])
