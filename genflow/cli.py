@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attr", action="append", metavar="NAME=0|1", help="attribute condition (conditional models)")
+    p.add_argument("--attr", action="append", metavar="NAME=0|1",
+                   help="conditional models (cgan): set a CelebA attribute, repeatable; the unnamed ones are "
+                        "drawn per image from a random training image (data.shards' manifest)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("submit", help="run a genflow subcommand on a Ray cluster (Ray Jobs API)")

@@ -127,7 +127,9 @@ class Params(StrictModel):
 
         model_class = get_family(family)
         try:
-            return model_class.config_class(**self.models.get(family, {}))
+            # The training params as validation context: a family may check its config against
+            # them (the stacked AE's phase lengths against train.max_steps).
+            return model_class.config_class.model_validate(self.models.get(family, {}), context={"train": self.train})
         except ValidationError as err:
             raise ParamsError(_describe(err, prefix=f"models.{family}.")) from None
 

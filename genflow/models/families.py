@@ -10,6 +10,11 @@ import importlib
 
 _FAMILIES: dict[str, str] = {
     "vae": "genflow.models.vae:VAE",
+    "ae": "genflow.models.ae:AE",
+    "dae": "genflow.models.ae:DAE",
+    "sae": "genflow.models.ae:SAE",
+    "dcgan": "genflow.models.gan:DCGAN",
+    "cgan": "genflow.models.gan:CGAN",
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)

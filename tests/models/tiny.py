@@ -5,6 +5,12 @@ One entry per family in genflow/models/families.py (the contract test checks tha
 
 TINY_CONFIGS: dict[str, dict] = {
     "vae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4},
+    "ae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4},
+    "dae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4},
+    "sae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4, "layer_steps": [1, 1, 1, 1, 1]},
+    "dcgan": {"latent_dim": 8, "generator_channels": 4, "discriminator_channels": 4, "norm_groups": 2},
+    "cgan": {"latent_dim": 8, "generator_channels": 4, "discriminator_channels": 4, "norm_groups": 2,
+             "attribute_embedding_dim": 4},
 }
 
 
