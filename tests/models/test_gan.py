@@ -99,6 +99,10 @@ def test_paper_optimizer_and_initialisation():
         assert optimizer.param_groups[0]["lr"] == 2e-4 and optimizer.param_groups[0]["betas"] == (0.5, 0.999)
     weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))])
     assert weights.mean().abs() < 1e-3 and weights.std().item() == pytest.approx(0.02, rel=0.05)
+    # With spectral normalisation, the weights it normalises are drawn the same way.
+    spectral = tiny("dcgan", discriminator_channels=8, discriminator_norm="spectral").discriminator
+    originals = torch.cat([m.parametrizations.weight.original.flatten() for m in spectral.features if isinstance(m, torch.nn.Conv2d)])
+    assert originals.std().item() == pytest.approx(0.02, rel=0.05)
 
 
 def test_bad_gan_params_fail_naming_the_key(tmp_path):
