@@ -258,13 +258,13 @@ class DCGAN(GenerativeModel):
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """fd_pixels_4x4: the Fréchet distance between this batch and as many samples on 4×4
+        """fd_pooled_pixels_4x4: the Fréchet distance between this batch and as many samples on 4×4
         average-pooled pixels (48 features): a coarse check of colour and layout, biased upward
         at small batches; the standard sample-quality measures are computed by genflow/eval."""
         real = batch.images.float()
         attrs = self.condition(batch.attrs)
         fake = self.generator_ema(self.noise(len(real), real.device), attrs).float()
-        return {"fd_pixels_4x4": frechet_distance(pooled_pixels(real), pooled_pixels(fake)).float()}
+        return {"fd_pooled_pixels_4x4": frechet_distance(pooled_pixels(real), pooled_pixels(fake)).float()}
 
     @torch.no_grad()
     def sample(self, n: int, cond: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
