@@ -238,7 +238,8 @@ class DCGAN(GenerativeModel):
         real = batch.images
         attrs = self.condition(batch.attrs)
         fake = self.generator(self.noise(len(real), real.device), attrs)
-        # D is per image (no normalisation), so real and detached fake go through it as one batch.
+        # D treats each image on its own (spectral normalisation acts on its weights), so real and
+        # detached fake go through it as one batch.
         pair_attrs = None if attrs is None else torch.cat([attrs, attrs])
         real_logits, detached_fake_logits = self.discriminator(torch.cat([real, fake.detach()]), pair_attrs).chunk(2)
         fake_logits = self.discriminator(fake, attrs)
