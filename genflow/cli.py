@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attr", action="append", metavar="NAME=0|1", help="attribute condition (conditional models)")
+    p.add_argument("--attr", action="append", metavar="NAME=0|1",
+                   help="conditional models (cgan): set a CelebA attribute, repeatable; the unnamed ones are "
+                        "drawn per image from a random training image (data.shards' manifest)")
     p.add_argument("--sampler", help="diffusion: ddpm (all T steps) or ddim (default: the model's)")
     p.add_argument("--steps", type=int, help="diffusion, ddim: denoising steps S (default: the model's)")
     p.add_argument("--eta", type=float, help="diffusion, ddim: η, 0 deterministic .. 1 ancestral (default: the model's)")

@@ -158,7 +158,9 @@ class Params(StrictModel):
         if family not in _family_configs:
             raise ParamsError(f"models.{family}: unknown family; known: {', '.join(_family_configs)}")
         try:
-            return _family_configs[family]()(**self.models.get(family, {}))
+            # The training params as validation context: a family may check its config against
+            # them (the stacked AE's phase lengths against train.max_steps).
+            return _family_configs[family]().model_validate(self.models.get(family, {}), context={"train": self.train})
         except ValidationError as err:
             raise ParamsError(describe_validation_error(err, prefix=f"models.{family}.")) from None
 

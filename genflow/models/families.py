@@ -19,6 +19,11 @@ _FAMILIES: dict[str, str] = {
     "ddpm": "genflow.models.ddpm:DDPM",
     "pixelcnn": "genflow.models.pixelcnn:PixelCNN",
     "ebm": "genflow.models.ebm:EBM",
+    "ae": "genflow.models.ae:AE",
+    "dae": "genflow.models.ae:DAE",
+    "sae": "genflow.models.ae:SAE",
+    "dcgan": "genflow.models.gan:DCGAN",
+    "cgan": "genflow.models.gan:CGAN",
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)

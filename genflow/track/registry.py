@@ -196,31 +196,33 @@ def parse_model_reference(reference: str) -> str:
 
 def sample_grid(params: Params, reference: str, n: int, out: str, attrs: list[str], seed: int = 0,
                 sampler: str | None = None, steps: int | None = None, eta: float | None = None) -> None:
-    """Draw `n` images from a registered model and save them as one PNG grid; `sampler`, `steps`
-    and `eta` (None: the registered defaults) for families that have sampler choices."""
+    """Draw `n` images from a registered model and save them as one PNG grid.
+
+    A conditional model takes `attrs` (NAME=0|1): each image gets the named attributes, and the
+    unnamed ones of a random training image (data.shards' manifest); with no `attrs`, every image
+    takes a random training image's attributes. `sampler`, `steps` and `eta` (None: the registered
+    defaults) for families that have sampler choices."""
     import pandas as pd
     import torch
 
-    from genflow.data.celeba import ATTRIBUTE_NAMES
+    from genflow.data.attributes import attribute_rows, parse_attribute_settings
+    from genflow.models.families import FAMILY_NAMES
 
+    settings = parse_attribute_settings(attrs)  # a typo fails before the model is downloaded
     tracking.configure(params.tracking)
     loaded = mlflow.pyfunc.load_model(parse_model_reference(reference))
     model = loaded.unwrap_python_model().model
-    if attrs and not model.conditional:
-        raise ValueError(f"{reference} is unconditional; --attr applies to conditional families")
     try:
         options = sampler_options(model, sampler=sampler, steps=steps, eta=eta)
     except ValueError as err:
         raise ValueError(f"{reference}: {err} (--sampler/--steps/--eta)") from None
-    if attrs:
-        vector = [0] * len(ATTRIBUTE_NAMES)
-        for item in attrs:
-            name, _, value = item.partition("=")
-            if name not in ATTRIBUTE_NAMES or value not in ("0", "1", "-1"):
-                raise ValueError(f"--attr {item}: expected NAME=0|1 with NAME one of the {len(ATTRIBUTE_NAMES)} CelebA attributes")
-            vector[ATTRIBUTE_NAMES.index(name)] = 1 if value == "1" else 0
+    if model.conditional:
         generator = torch.Generator().manual_seed(seed)
-        images = model.sample(n, cond=torch.tensor(vector, dtype=torch.float32).expand(n, -1), generator=generator, **options)
+        cond = attribute_rows(settings, params.data.shards, n, generator)
+        images = model.sample(n, cond=cond, generator=generator, **options)
+    elif settings:
+        raise ValueError(f"{reference} is unconditional: it takes no --attr (conditional families: "
+                         f"{', '.join(f for f in FAMILY_NAMES if get_family(f).conditional)})")
     else:
         images = torch.from_numpy(loaded.predict(pd.DataFrame({"n": [n], "seed": [seed], **{k: [v] for k, v in options.items()}})))
     save_grid(images, out)

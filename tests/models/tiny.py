@@ -10,6 +10,12 @@ TINY_CONFIGS: dict[str, dict] = {
              "timesteps": 20, "steps": 5},
     "pixelcnn": {"hidden_channels": 6, "layers": 2, "first_kernel": 3, "head_channels": 6, "mixture_components": 2},
     "ebm": {"hidden_channels": [8, 16], "langevin_steps": 3, "buffer_size": 16, "sample_steps": 3},
+    "ae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4},
+    "dae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4},
+    "sae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4, "layer_steps": [1, 1, 1, 1, 1]},
+    "dcgan": {"latent_dim": 8, "generator_channels": 4, "discriminator_channels": 4, "norm_groups": 2},
+    "cgan": {"latent_dim": 8, "generator_channels": 4, "discriminator_channels": 4, "norm_groups": 2,
+             "attribute_embedding_dim": 4},
 }
 
 
