@@ -14,16 +14,17 @@ from functools import partial
 from genflow.config import register_family_configs
 
 _FAMILIES: dict[str, str] = {
-    "vae": "genflow.models.vae:VAE",
-    "flow": "genflow.models.flow:Flow",
-    "ddpm": "genflow.models.ddpm:DDPM",
-    "pixelcnn": "genflow.models.pixelcnn:PixelCNN",
-    "ebm": "genflow.models.ebm:EBM",
+    # in DESIGN.md's order: autoencoders, VAE, GANs, diffusion, flow, autoregressive, energy-based
     "ae": "genflow.models.ae:AE",
     "dae": "genflow.models.ae:DAE",
     "sae": "genflow.models.ae:SAE",
+    "vae": "genflow.models.vae:VAE",
     "dcgan": "genflow.models.gan:DCGAN",
     "cgan": "genflow.models.gan:CGAN",
+    "ddpm": "genflow.models.ddpm:DDPM",
+    "flow": "genflow.models.flow:Flow",
+    "pixelcnn": "genflow.models.pixelcnn:PixelCNN",
+    "ebm": "genflow.models.ebm:EBM",
 }
 
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
