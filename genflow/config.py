@@ -75,8 +75,8 @@ class TrainParams(StrictModel):
     checkpoint_every: int = Field(100, ge=1)
     validation_batches: int = Field(2, ge=0, description="validation batches scored at each checkpoint (val/*); 0 = none")
     log_every: int = Field(10, ge=1)
-    grid_every: int = Field(100, ge=0, description="steps between sample grids; 0 = only at the end")
-    grid_size: int = Field(64, ge=1, description="images in a sample grid")
+    grid_every: int = Field(0, ge=0, description="steps between sample grids; 0 = only at the end")
+    grid_size: int = Field(16, ge=1, description="images in a sample grid")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
     loader_workers: int = Field(1, ge=0)
@@ -116,12 +116,12 @@ class FeaturizerParams(StrictModel):
 class EvaluateParams(StrictModel):
     batches: int = Field(8, ge=1, description="test batches evaluated")
     batch_size: int = Field(64, ge=1)
-    sample_n: int = Field(64, ge=1)
+    sample_n: int = Field(16, ge=1, description="images in the evaluation grid")
     seed: int = Field(0, description="the noise of stochastic metrics (a VAE's ELBO): versions are scored alike")
     # Sample quality: generated images scored against as many test images.
     extractor: Literal["imagenet", "inception", "celeba"] = "imagenet"
     samples: int = Field(10_000, ge=2, description="images per set for fd/kid/precision/recall on a GPU")
-    cpu_samples: int = Field(256, ge=2, description="the same on CPU, where 10,000 would take an hour")
+    cpu_samples: int = Field(128, ge=2, description="the same on CPU, where 10,000 would take an hour")
     keep_features: int = Field(10_000, ge=2, description="feature vectors kept per set for KID and precision/recall")
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)

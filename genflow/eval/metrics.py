@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Iterable
 
 import torch
@@ -48,22 +47,3 @@ def reconstruction_quality(model: GenerativeModel, images: torch.Tensor, own: di
     if "reconstruction_psnr" not in own:
         quality["reconstruction_psnr"] = peak_signal_noise_ratio(reconstructed, original, data_range=1.0, dim=(1, 2, 3))
     return quality
-
-
-@torch.no_grad()
-def sampling_speed(model: GenerativeModel, n: int, device: torch.device, repeats: int = 3) -> float:
-    """Generated images per second (best of `repeats`, after one warm-up call)."""
-    model.eval()
-    generator = torch.Generator(device).manual_seed(0)
-    cond = torch.zeros(n, 40, device=device) if model.conditional else None
-    model.sample(n, cond=cond, generator=generator)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.sample(n, cond=cond, generator=generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return n / best

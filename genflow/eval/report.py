@@ -13,7 +13,7 @@ import torch
 
 from genflow.config import Params
 from genflow.data.celeba import ATTRIBUTE_NAMES
-from genflow.eval.metrics import evaluate_batches, sampling_speed
+from genflow.eval.metrics import evaluate_batches
 from genflow.eval.quality import parameter_count, sample_quality, training_images_per_s
 from genflow.images import image_grid
 from genflow.track import mlflow as tracking
@@ -43,7 +43,6 @@ def evaluate_family(family: str, params: Params) -> dict[str, float]:
     scored_on = {"dataset": dataset_digest(params.data.shards), "split": "test", "seed": params.evaluate.seed,
                  "evaluation": f"batches={params.evaluate.batches} batch_size={params.evaluate.batch_size}",
                  "measures": ",".join(sorted(name for name in metrics if name != "images"))}
-    metrics["sample_images_per_s"] = sampling_speed(model, params.evaluate.sample_n, device)
     metrics.update(sample_quality(model, params, device))
     metrics["parameters"] = parameter_count(model)
     train_speed = training_images_per_s(run.info.run_id)
