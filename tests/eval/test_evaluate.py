@@ -9,7 +9,7 @@ from genflow.eval.report import evaluate_family
 from genflow.models.saved import save_model
 from genflow.track import mlflow as tracking
 from genflow.track.pyfunc import log_sampler
-from genflow.train.trainer import run_key
+from genflow.track.identity import run_key
 from tests.eval.test_quality import tiny_vae
 from tests.models.tiny import tiny_overrides
 
