@@ -14,6 +14,7 @@ from tests.models.tiny import TINY_CONFIGS
 pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parents[1]
+PIPELINE_FAMILIES = ("vae", "dcgan")
 
 
 def run(command: list[str], cwd: Path) -> str:
@@ -50,6 +51,12 @@ def project(tmp_path_factory):
     for settings in params["tune"].values():
         settings.update(trials=2, grace_period=3, max_concurrent=1)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Two families stand for all ten (the stages are one foreach): one with a single optimizer
+    # and a likelihood, one with two optimizers scored on sample quality. Every family's own
+    # 2-worker train and resume runs in tests/models/test_families_train.py.
+    pipeline = yaml.safe_load((copy / "dvc.yaml").read_text())
+    pipeline["vars"] = [{"families": list(PIPELINE_FAMILIES)}]
+    (copy / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     run(["git", "init", "-q"], copy)
     run(["git", "-c", "user.email=ci@genflow", "-c", "user.name=ci", "commit", "-qam", "x", "--allow-empty"], copy)
     run(["git", "add", "-A"], copy)
