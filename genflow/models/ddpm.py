@@ -469,15 +469,16 @@ class DDPM(GenerativeModel):
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Held-out L_simple and the variational bound estimate of the EMA model, both from a
-        generator seeded afresh on every call: any two checkpoints are scored with the same
-        timesteps and noise on the same batch (common random numbers), so their difference is
-        the models', not the draws'. Both are unbiased per batch."""
+        """Held-out L_simple and the variational bound estimate of the EMA model, drawn from the
+        global RNG. The callers seed it per batch (the loop's validation from (seed, batch index),
+        `genflow evaluate` from evaluate.seed), so two checkpoints are scored with the same draws
+        (common random numbers) while the timesteps differ from batch to batch: averaged over
+        batches, both estimates converge to their expectations. A generator reseeded on every call
+        would freeze the timesteps, and the average would keep that one draw's error."""
         x0 = batch.images.float()
-        generator = torch.Generator(x0.device).manual_seed(0)
-        t = torch.randint(0, self.schedule.timesteps, (len(x0),), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        bound = self.vlb_estimate(x0, generator)
+        t = torch.randint(0, self.schedule.timesteps, (len(x0),), device=x0.device)
+        noise = torch.randn_like(x0)
+        bound = self.vlb_estimate(x0)
         return {
             "l_simple": self.l_simple(x0, t, noise).mean(),
             # −log p(x) ≤ L per image; / (D ln 2): bits per 8-bit sub-pixel, an upper bound on the NLL.

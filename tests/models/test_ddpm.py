@@ -254,6 +254,22 @@ def test_untrained_model_scores_l_simple_one_and_the_model_file_round_trips(tmp_
     assert torch.equal(loaded.sample(2, generator=seed()), model.eval().sample(2, generator=seed()))
 
 
+def test_evaluate_draws_its_timesteps_from_the_seeded_global_rng_not_a_frozen_generator():
+    # Review finding: a generator reseeded inside `evaluate` scored every batch at the same
+    # timesteps, so averaging over batches never removed that one draw's error. The callers seed
+    # the global RNG per batch; the same seed must give the same scores, another seed others.
+    model = small_ddpm()
+    randomize_output(model)
+    batch = Batch(pixel_grid_images(4, side=64), torch.zeros(4, 40))
+
+    def scored(seed):
+        torch.manual_seed(seed)
+        return model.evaluate(batch)["vlb_bits_per_dim_estimate"].item()
+
+    assert scored(1) == scored(1)
+    assert scored(1) != scored(2)
+
+
 # --- the variational bound -------------------------------------------------------------------------
 
 
