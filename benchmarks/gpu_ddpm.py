@@ -133,6 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.preset, args.batch, args.steps, args.warmup, args.sample_n = "tiny", 4, 2, 1, 4
+        torch.set_num_threads(1)  # on a shared CPU, more threads than free cores spin and stall
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("gpu_ddpm: no CUDA device; run with --smoke on a CPU")
