@@ -13,6 +13,7 @@ checkpoint Ray registered: the step a rerun resumes from.
 from __future__ import annotations
 
 import os
+import warnings
 import signal
 import sys
 import threading
@@ -90,11 +91,21 @@ class _GracefulStop:
                 pass  # the abort ends the controller's process
 
 
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
 def fit_stoppably(trainer, grace_s: float | None = None):
     """trainer.fit(); on SIGINT or SIGTERM, let Ray register the latest checkpoint, abort the
     run and raise KeyboardInterrupt."""
     stop = _GracefulStop(registration_grace_s() if grace_s is None else grace_s)
     # The one place Ray Train V2 (2.60) hands its controller to the driver (main thread only).
+    # A Ray that no longer has it would leave Ctrl+C without its grace period: say so loudly.
+    if not hasattr(type(trainer), "_register_sigint_handler"):
+        raise RuntimeError(f"{type(trainer).__name__} has no _register_sigint_handler (Ray {ray_version()}): "
+                           "genflow's Ctrl+C handling needs Ray 2.60's Train V2 controller hand-over")
     trainer._register_sigint_handler = stop.take_over
     with _handlers({sig: stop.handle for sig in _STOP_SIGNALS}):
         try:
@@ -129,10 +140,18 @@ class CheckpointLedger(UserCallback):
             return
         from genflow.track.mlflow import with_retries
 
-        with_retries(lambda: self.client.set_tag(self.run_id, CHECKPOINT_STEP_TAG, str(int(metrics[0]["step"]))))
+        step = int(metrics[0]["step"])
+        try:
+            with_retries(lambda: self.client.set_tag(self.run_id, CHECKPOINT_STEP_TAG, str(step)))
+        except Exception as err:  # noqa: BLE001
+            # The tag is only a record for the interrupt message (Ray holds the checkpoint). An
+            # exception here would end the run as a ControllerError, which max_failures never
+            # retries: a tracking-store blip must not cost a long run.
+            warnings.warn(f"could not record checkpoint step {step} on MLflow run {self.run_id}: {err}", stacklevel=1)
 
 
 def interrupted_message(family: str, run_tags: dict[str, str], max_steps: int) -> str:
     step = run_tags.get(CHECKPOINT_STEP_TAG)
-    where = f"at step {step}" if step is not None else "before the first checkpoint"
-    return f"{family}: interrupted {where} of {max_steps}; run the same command to resume"
+    if step is None:
+        return f"{family}: interrupted before the first checkpoint; run the same command to start again"
+    return f"{family}: interrupted; last checkpoint at step {step} of {max_steps}; run the same command to resume from there"

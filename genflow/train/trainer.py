@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,9 @@ def ensure_ray(ray_params: RayParams) -> None:
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    # ray.init installs a SIGTERM handler of its own (sys.exit); genflow's (a SIGTERM is a Ctrl+C:
+    # the run is marked KILLED and resumable) must stay in force for the rest of the command.
+    users_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         # The dashboard stays on: Ray Train's controller watches its actors through the state API.
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
@@ -68,6 +73,8 @@ def ensure_ray(ray_params: RayParams) -> None:
                               "or leave it empty to start Ray locally") from None
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, users_sigterm)
 
 
 def _free_port() -> int:
@@ -98,8 +105,10 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
     tracking_uri = mlflow.get_tracking_uri()
     if (storage / name).exists():
         check_same_run(experiment_id, name, identity, storage / name)  # Ray would restore it, whatever the params
-    previous = tracking.find_run(experiment_id, family, key)
-    resuming = previous is not None and (storage / name).exists()
+    # The MLflow run of this Ray run (its checkpoints are what Ray restores), found by the Ray run's
+    # name: two names can share params, and the run key alone would reopen the other one's record.
+    previous = tracking.find_run_named(experiment_id, name) if (storage / name).exists() else None
+    resuming = previous is not None
     with mlflow.start_run(run_id=previous.info.run_id if resuming else None, run_name=None if resuming else name,
                           experiment_id=experiment_id, log_system_metrics=True) as run:
         if resuming and tracking.FAILURE_TAG in previous.data.tags:

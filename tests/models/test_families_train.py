@@ -60,18 +60,19 @@ def eight_bit_images(n: int, image_range: tuple[float, float]) -> tuple[torch.Te
 def test_two_workers_train_crash_and_resume_from_the_checkpoint(family, ray_local, tiny_params, tmp_path):
     from genflow.models.families import get_family
 
-    images, attrs = eight_bit_images(32, get_family(family).image_range)
-    # 32 images, 2 ranks, batches of 4: 4 steps an epoch. Checkpoint at step 2; rank 0 crashes
-    # fetching step 3's batch, so Ray restarts both workers from step 2's checkpoint.
-    params = tiny_params(*tiny_overrides(family), "train.workers=2", "train.batch_size=4", "train.max_steps=4",
-                         "train.checkpoint_every=2", "train.max_failures=1", "train.grid_size=2",
+    images, attrs = eight_bit_images(48, get_family(family).image_range)
+    # 48 images, 2 ranks, batches of 4: 6 steps an epoch, 6 steps in all (the tiny stacked AE's
+    # greedy phases take 5, then it fine-tunes). Checkpoint at step 3; rank 0 crashes fetching
+    # step 4's batch, so Ray restarts both workers from step 3's checkpoint, mid-phase for sae.
+    params = tiny_params(*tiny_overrides(family), "train.workers=2", "train.batch_size=4", "train.max_steps=6",
+                         "train.checkpoint_every=3", "train.max_failures=1", "train.grid_size=2",
                          "train.validation_batches=0", f"train.run_name={family}-resume")
-    result = train(family, params, batch_source=CrashOnce(images, attrs, 4, index=3, marker=tmp_path / "crashed"),
+    result = train(family, params, batch_source=CrashOnce(images, attrs, 4, index=4, marker=tmp_path / "crashed"),
                    dataset_digest=f"{family}-resume")
     assert (tmp_path / "crashed").exists()
     starts = [int(m.value) for m in mlflow.MlflowClient().get_metric_history(result.mlflow_run_id, "train/start_step")]
-    assert starts == [0, 2]
-    assert result.metrics["step"] == 4
+    assert starts == [0, 3]
+    assert result.metrics["step"] == 6
     model = load_model(result.checkpoint_path)
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
     samples = model.sample(2, cond=attrs[:2] if model.conditional else None, generator=torch.Generator().manual_seed(0))

@@ -61,7 +61,7 @@ def interrupt_after_checkpoint(tmp_path, sig, after_step: int) -> int:
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     last = err.strip().splitlines()[-1]
-    match = re.fullmatch(r"genflow: vae: interrupted at step (\d+) of 100000; run the same command to resume", last)
+    match = re.fullmatch(r"genflow: vae: interrupted; last checkpoint at step (\d+) of 100000; run the same command to resume from there", last)
     assert match, err
     # No traceback from the driver (Ray's processes may log warnings of their own, prefixed "(pid=").
     assert not any(line.startswith("Traceback") for line in err.splitlines()), err
