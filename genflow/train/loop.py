@@ -369,6 +369,8 @@ def train_worker(config: WorkerConfig) -> None:
         while run.step < train.max_steps:
             _, (images, attrs) = next(run.batches)
             batch = to_device(images, attrs, run.device)
+            # The learning rates this step trains with (the schedules move on inside the step).
+            step_lrs = {name: scheduler.get_last_lr()[0] for name, scheduler in run.optimization.schedulers.items()}
             result = optimisation_step(run.forward, run.model, run.optimization, batch, run.step,
                                        grad_clip=train.grad_clip, autocast=run.autocast)
             if not result.finite:
@@ -392,8 +394,8 @@ def train_worker(config: WorkerConfig) -> None:
                     metrics: dict[str, Any] = {f"train/{k}": v for k, v in result.outputs.items()}
                     for name, norm in result.grad_norms.items():
                         metrics["train/grad_norm" if name == "main" else f"train/grad_norm/{name}"] = norm
-                    for name, scheduler in run.optimization.schedulers.items():
-                        metrics["train/lr" if name == "main" else f"train/lr/{name}"] = scheduler.get_last_lr()[0]
+                    for name, lr in step_lrs.items():
+                        metrics["train/lr" if name == "main" else f"train/lr/{name}"] = lr
                     metrics["train/images_per_s"] = window_steps * train.batch_size * world_size / elapsed
                     metrics["train/epoch"] = run.step / run.batches_per_epoch
                     # The share of the window rank 0 spent on its own work (logging, grids), which

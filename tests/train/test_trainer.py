@@ -160,8 +160,9 @@ def test_a_run_of_the_same_name_resumes_and_a_longer_one_is_another_run(ray_loca
     assert run.data.params["train.max_steps"] == "8"
     (lr_key,) = [key for key in run.data.metrics if key.startswith("train/lr")]
     lr = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(longer.mlflow_run_id, lr_key)}
-    cosine_at_4_of_8 = 0.5 * (1 + math.cos(math.pi * 4 / 8))
-    assert lr[4] == pytest.approx(cosine_at_4_of_8 * float(run.data.params["train.lr"]), rel=1e-6)
+    # Logged at step 4 (4 steps done): the rate the 4th step (index 3) trained with.
+    cosine_at_3_of_8 = 0.5 * (1 + math.cos(math.pi * 3 / 8))
+    assert lr[4] == pytest.approx(cosine_at_3_of_8 * float(run.data.params["train.lr"]), rel=1e-6)
 
 
 def test_explicit_run_name_with_changed_params_is_refused_naming_them(ray_local, tiny_params):
