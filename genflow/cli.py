@@ -102,39 +102,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise ParamsError(f"--n {args.n}: the number of images must be at least 1")
-    params = _params(args)
-    check_model_reference(params, args.model)
-    sample_grid(params, args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed,
+    sample_grid(_params(args), args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed,
                 sampler=args.sampler, steps=args.steps, eta=args.eta)
     print(f"wrote {args.out}")
-
-
-def check_model_reference(params: Params, reference: str) -> None:
-    """NAME@ALIAS or NAME/VERSION must name something in the registry; say what is missing."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from genflow.track import mlflow as tracking
-    from genflow.track.registry import parse_model_reference
-
-    parse_model_reference(reference)  # the form
-    name, at, alias = reference.partition("@")
-    name, _, version = name.partition("/")
-    tracking.configure(params.tracking)
-    client = MlflowClient()
-    try:
-        tracking.with_retries(lambda: client.get_registered_model(name))
-    except MlflowException:
-        raise ParamsError(f"{reference}: no registered model {name!r}; see `genflow registry list`") from None
-    try:
-        if at:
-            tracking.with_retries(lambda: client.get_model_version_by_alias(name, alias))
-        else:
-            tracking.with_retries(lambda: client.get_model_version(name, version))
-    except MlflowException:
-        what = f"no version has alias {alias!r}" if at else f"has no version {version}"
-        fix = "promote one with `genflow registry promote`" if at else "see `genflow registry list`"
-        raise ParamsError(f"{reference}: {name} {what}; {fix}") from None
 
 
 def cmd_tune(args: argparse.Namespace) -> None:

@@ -194,6 +194,27 @@ def parse_model_reference(reference: str) -> str:
     raise ValueError(f"{reference!r}: give NAME@ALIAS (e.g. celeba64-vae@staging) or NAME/VERSION (e.g. celeba64-vae/3)")
 
 
+def check_model_reference(reference: str) -> None:
+    """NAME@ALIAS or NAME/VERSION must name something in the (configured) registry; say what is missing."""
+    parse_model_reference(reference)  # the form
+    name, at, alias = reference.partition("@")
+    name, _, version = name.partition("/")
+    client = MlflowClient()
+    try:
+        tracking.with_retries(lambda: client.get_registered_model(name))
+    except MlflowException:
+        raise ValueError(f"{reference}: no registered model {name!r}; see `genflow registry list`") from None
+    try:
+        if at:
+            tracking.with_retries(lambda: client.get_model_version_by_alias(name, alias))
+        else:
+            tracking.with_retries(lambda: client.get_model_version(name, version))
+    except MlflowException:
+        what = f"no version has alias {alias!r}" if at else f"has no version {version}"
+        fix = "promote one with `genflow registry promote`" if at else "see `genflow registry list`"
+        raise ValueError(f"{reference}: {name} {what}; {fix}") from None
+
+
 def sample_grid(params: Params, reference: str, n: int, out: str, attrs: list[str], seed: int = 0,
                 sampler: str | None = None, steps: int | None = None, eta: float | None = None) -> None:
     """Draw `n` images from a registered model and save them as one PNG grid.
@@ -208,8 +229,9 @@ def sample_grid(params: Params, reference: str, n: int, out: str, attrs: list[st
     from genflow.data.attributes import attribute_rows, parse_attribute_settings
     from genflow.models.families import FAMILY_NAMES
 
-    settings = parse_attribute_settings(attrs)  # a typo fails before the model is downloaded
+    settings = parse_attribute_settings(attrs)  # a typo fails before the model is looked up
     tracking.configure(params.tracking)
+    check_model_reference(reference)  # a missing model, alias or version is one line, not MLflow's traceback
     loaded = mlflow.pyfunc.load_model(parse_model_reference(reference))
     model = loaded.unwrap_python_model().model
     try:

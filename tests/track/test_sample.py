@@ -1,7 +1,8 @@
 """`genflow sample MODEL --attr NAME=0|1`: attributes reach a conditional model, bad ones are one clear line.
 
-The registered model is replaced by a tiny in-memory one (mlflow.pyfunc.load_model patched): what
-is under test is the command, not the registry (tests/track/test_registry.py covers that).
+The store holds registered names, versions and aliases (what `sample` checks before it downloads
+anything), but the model itself is a tiny in-memory one (mlflow.pyfunc.load_model patched): what is
+under test is the command, not the registry (tests/track/test_registry.py covers that).
 """
 
 import re
@@ -34,8 +35,18 @@ class Loaded:
 
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory):
-    # One store for the module: creating MLflow's tables costs seconds.
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    """One store for the module (creating MLflow's tables costs seconds), holding the references
+    the tests sample: celeba64-cgan@staging and celeba64-dcgan@staging (version 1 of each)."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for name in ("celeba64-cgan", "celeba64-dcgan"):
+        client.create_registered_model(name)
+        version = client.create_model_version(name, source=str(folder / name))  # never read: load_model is patched
+        client.set_registered_model_alias(name, "staging", version.version)
+    return uri
 
 
 @pytest.fixture
@@ -91,8 +102,15 @@ def test_the_grid_shows_the_requested_attribute(registered, tmp_path):
     [("Smling=1", "'Smling' is not a CelebA attribute.*one of: 5_o_Clock_Shadow"),
      ("Smiling=2", "must be 0 .absent. or 1 .present., got '2'")],
 )
-def test_bad_attributes_are_one_clear_line(registered, tmp_path, capsys, attr, message):
+def test_bad_attributes_are_one_clear_line(registered, tmp_path, capsys, monkeypatch, attr, message):
+    from genflow.track import registry
+
     common = registered(tiny_cgan())
+
+    def looked_up(reference):
+        raise AssertionError(f"{reference} was looked up before --attr was checked")
+
+    monkeypatch.setattr(registry, "check_model_reference", looked_up)  # a typo fails before the model is looked up
     assert main(["sample", "celeba64-cgan@staging", "--attr", attr, "--n", "4", "--out", str(tmp_path / "g.png"), *common]) == 2
     error = capsys.readouterr().err
     assert error.startswith("genflow: error: ") and len(error.strip().splitlines()) == 1
