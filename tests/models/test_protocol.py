@@ -180,13 +180,23 @@ def test_sample_is_uint8_64px_and_reproducible_from_its_generator_seed(name):
     assert torch.equal(first, again)
 
 
+# Steps within which every optimizer's loss must have appeared: sae's tiny config has five phases
+# of one step each (tests/models/tiny.py), then fine-tunes.
+CONTRACT_STEPS = 6
+
+
 @pytest.mark.parametrize("name", ALL_FAMILIES)
 def test_training_step_returns_its_optimizers_losses_and_detached_scalar_metrics(name):
     model = build(name)
     expected = loss_keys(model)
     assert expected == {"loss"} or all(k.startswith("loss/") for k in expected)
     seen: set[str] = set()
-    for step in range(2):  # alternating families show every loss within two steps
+    # A family may leave losses out at a step (the protocol: that optimizer does not step), so each
+    # optimizer's loss is looked for over the first steps: alternating GANs show every loss within
+    # two, sae (one phase, one optimizer, at a time) within its tiny phases plus a fine-tuning step.
+    for step in range(CONTRACT_STEPS):
+        if step >= 2 and seen == expected:
+            break
         outputs = model.training_step(batch_for(model, 4, seed=step), step)
         losses = {k for k in outputs if k == "loss" or k.startswith("loss/")}
         assert losses and losses <= expected, f"step {step}: losses {sorted(losses)}, optimizers train {sorted(expected)}"
@@ -196,7 +206,7 @@ def test_training_step_returns_its_optimizers_losses_and_detached_scalar_metrics
         for key, value in outputs.items():
             assert torch.is_tensor(value) and value.ndim == 0, f"{key} is not a scalar tensor"
             assert value.requires_grad == (key in losses), f"{key}: losses carry gradients, metrics are detached"
-    assert seen == expected
+    assert seen == expected, f"losses {sorted(expected - seen)} never appeared in {CONTRACT_STEPS} steps: their optimizers never step"
     assert model.monitor in expected or model.monitor in outputs
 
 
