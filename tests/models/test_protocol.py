@@ -335,14 +335,32 @@ def _fail(error: str):
 
 DDP_TRAIN = TrainParams(lr=1e-3)
 
+# Families compared in float64. Their objectives are exact means of per-image terms (in float64 the
+# 2 ranks match the combined batch to ~1e-12 relative), but in float32 the gradients differ by up
+# to ~5e-4 relative between a batch of 4 and one of 8: each bias gradient sums 8 x 64 x 64
+# position terms that largely cancel (pixelcnn's 12,288 sub-pixel log-likelihoods, the ebm's
+# Langevin chains through the same convolutions), and the order of that float32 sum depends on
+# the batch size. float64 keeps the tolerances below tight enough to catch any batch-level term.
+# Under constant_noise the ebm's replay buffers stay equivalent: every chain, on every rank, starts
+# from the same constant-filled buffer row (randint's constant), none restarts from noise
+# (rand's 0.6 > reinit_rate), and all write back the same chain end to that row.
+DDP_FLOAT64 = {"pixelcnn", "ebm"}
+
+
+def _ddp_build(name: str) -> GenerativeModel:
+    model = build(name)
+    return model.double() if name in DDP_FLOAT64 else model
+
 
 def _batches(model: GenerativeModel, world_size: int) -> list[Batch]:
-    return [batch_for(model, DDP_BATCH * world_size, seed=10 + step) for step in range(DDP_STEPS)]
+    dtype = next(model.parameters()).dtype
+    batches = [batch_for(model, DDP_BATCH * world_size, seed=10 + step) for step in range(DDP_STEPS)]
+    return [Batch(images.to(dtype), attrs.to(dtype)) for images, attrs in batches]
 
 
 def _steps_alone(name: str, world_size: int):
     try:
-        model = build(name)
+        model = _ddp_build(name)
         optimization = Optimization.build(model, DDP_TRAIN)
         with constant_noise():
             for step, combined in enumerate(_batches(model, world_size)):
@@ -353,7 +371,7 @@ def _steps_alone(name: str, world_size: int):
 
 
 def _steps_on_ranks(name: str, rank: int, world_size: int) -> GenerativeModel:
-    model = build(name)
+    model = _ddp_build(name)
     wrapped = nn.parallel.DistributedDataParallel(model, **ddp_options(model))
     optimization = Optimization.build(model, DDP_TRAIN)
     with constant_noise():
@@ -368,10 +386,10 @@ def _compare(model: GenerativeModel, reference: GenerativeModel, reference_grads
     assert moved > 1e-4, "the steps did not move the weights: the comparison would mean nothing"
     for key, value in model.named_parameters():
         if reference_grads[key] is not None:
-            torch.testing.assert_close(value.grad, reference_grads[key], rtol=1e-4, atol=1e-6, msg=f"gradient of {key}")
+            torch.testing.assert_close(value.grad, reference_grads[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"gradient of {key}: {m}")
     expected_state = reference.state_dict()
     for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, expected_state[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(value, expected_state[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def model_name(model: GenerativeModel) -> str:
