@@ -134,8 +134,9 @@ def test_a_missing_shard_stops_training_before_ray_starts(tiny_shards, capsys, n
 
 def test_a_batch_larger_than_the_data_is_refused_before_ray_starts(tiny_shards, capsys, no_ray):
     err = fails_in_one_line(capsys, ["train", "vae", *TINY, "-S", "train.batch_size=64"])
-    # 28 prepared train images, minus the validation tail (a tenth: 2, genflow/data/split.py) = 26 trained on.
-    assert "train.batch_size=64 (per worker) is more than the 26 train images" in err
+    # 28 train images (40 * 0.7), of which the last 2 are held out for validation.
+    assert "train.batch_size=64 (per worker) is more than the 26 training images each of 1 worker(s)" in err
+    assert "(26 training images: the train split minus its 2 validation images)" in err
 
 
 def test_ctrl_c_during_prepare_is_one_line_and_leaves_nothing(project, capsys, monkeypatch):

@@ -118,13 +118,17 @@ def _write_cache(cache: dict) -> None:
 
 
 def check_batch_fits(shards: str | Path, batch_size: int, workers: int) -> None:
-    """Refuse a per-worker batch larger than a worker's share of the train split: the loader
-    would silently train on smaller batches than the params (and MLflow) say."""
+    """Refuse a per-worker batch larger than a worker's share of the training images (the train
+    split minus its validation tail, as the loader reads them): the loader would silently train
+    on smaller batches than the params (and MLflow) say."""
     from genflow.config import ParamsError
     from genflow.data.loader import ShardStream
 
-    per_worker = ShardStream(shards, "train", batch_size, 0, workers).samples_per_rank
+    stream = ShardStream(shards, "train", batch_size, 0, workers)
+    per_worker = stream.samples_per_rank
     if batch_size > per_worker:
-        raise ParamsError(f"train.batch_size={batch_size} (per worker) is more than the {per_worker} train images each of "
-                          f"{workers} worker(s) gets from {Path(shards)}; lower train.batch_size to at most {per_worker} "
+        held_out = ShardStream(shards, "validation", batch_size).samples_per_rank
+        raise ParamsError(f"train.batch_size={batch_size} (per worker) is more than the {per_worker} training images each of "
+                          f"{workers} worker(s) gets from {Path(shards)} ({sum(stream.counts)} training images: the train "
+                          f"split minus its {held_out} validation images); lower train.batch_size to at most {per_worker} "
                           "(or train.workers), or prepare more data")

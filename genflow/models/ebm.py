@@ -132,7 +132,8 @@ class EBM(GenerativeModel):
     def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         real = batch.images
         starts, rows, _ = self.chain_starts(len(real), tuple(real.shape[1:]), real.device)
-        samples = self.langevin(starts, self.config.langevin_steps)
+        # The chains run in the batch's dtype (the buffer holds float16; float32 is the default).
+        samples = self.langevin(starts.to(real.dtype), self.config.langevin_steps)
         self.replay_buffer[rows] = samples.to(self.replay_buffer.dtype)
 
         energies = self.energy(torch.cat([real, samples.to(real.dtype)]))

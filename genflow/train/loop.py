@@ -164,9 +164,9 @@ class LoaderEpochs:
 
     def __init__(self, loader, seed: int, rank: int):
         self.loader, self.seed, self.rank = loader, seed, rank
-        stream = loader.dataset
-        # Only the rank's last batch can be short; a single image there is not trained on.
-        self.batches_per_epoch = loader.batches_per_epoch - (stream.samples_per_rank % stream.batch_size == 1)
+        # train_loader yields whole batches only (a rank's remainder is left out of the epoch), so
+        # no batch is short, let alone a single image: every batch it promises is trained on.
+        self.batches_per_epoch = loader.batches_per_epoch
 
     def epoch(self, index: int):
         self.loader.set_epoch(index)

@@ -87,6 +87,9 @@ def test_a_shard_modified_seconds_ago_is_hashed_again(shards):
 
 
 def test_batch_larger_than_a_workers_share_of_the_data_is_refused(prepared):
-    check_batch_fits(prepared, batch_size=35, workers=2)  # 70 train images: 35 each
-    with pytest.raises(ParamsError, match="train.batch_size=36 .* lower train.batch_size to at most 35"):
-        check_batch_fits(prepared, batch_size=36, workers=2)
+    # 70 train images, of which the last 7 are held out for validation (genflow/data/split.py):
+    # 63 training images, ceil(63 / 2) = 32 for each worker.
+    check_batch_fits(prepared, batch_size=32, workers=2)
+    with pytest.raises(ParamsError, match=r"train.batch_size=33 .* \(63 training images: the train split minus its 7 "
+                                          r"validation images\); lower train.batch_size to at most 32"):
+        check_batch_fits(prepared, batch_size=33, workers=2)

@@ -83,11 +83,12 @@ def test_a_source_that_miscounts_its_batches_is_an_error_not_a_silent_resume_shi
 
 
 def test_shard_epochs_drop_a_last_batch_of_one_image(shards):
-    # 70 = 3 * 23 + 1: the loader's fourth batch would be a single image.
-    source = ShardBatches(str(shards), TrainParams(batch_size=23, loader_workers=0))(0, 1, 0, (0.0, 1.0))
-    assert source.batches_per_epoch == 3
+    # 70 train images minus the 7 held out for validation = 63 = 2 * 31 + 1: the loader's third
+    # batch would be a single image.
+    source = ShardBatches(str(shards), TrainParams(batch_size=31, loader_workers=0))(0, 1, 0, (0.0, 1.0))
+    assert source.batches_per_epoch == 2
     sizes = [len(images) for _, (images, _) in itertools.islice(batches_from(source, 0), 6)]
-    assert sizes == [23] * 6
+    assert sizes == [31] * 6
 
 
 def test_starting_an_epoch_draws_nothing_from_the_global_torch_rng(shards):
