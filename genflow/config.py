@@ -146,12 +146,15 @@ class Params(StrictModel):
     def _valid_families(self) -> "Params":
         # Every family section is checked when the params are read, not when (and if) the
         # family is trained: a typo in models.vae fails `dvc repro` at once.
+        # Checks against the training params (the stacked AE's phases against train.max_steps)
+        # wait until the family is configured for a run: `train vae -S train.max_steps=100` must
+        # not fail on sae's phases.
         if _family_configs:
             for family in self.models:
-                self.family_config(family)
+                self.family_config(family, for_training=False)
         return self
 
-    def family_config(self, family: str) -> StrictModel:
+    def family_config(self, family: str, for_training: bool = True) -> StrictModel:
         """The family's typed config: its class defaults, updated by `models.FAMILY`."""
         if not _family_configs:
             raise ParamsError("no family table: import genflow.models.families before asking for a family's config")
@@ -160,7 +163,8 @@ class Params(StrictModel):
         try:
             # The training params as validation context: a family may check its config against
             # them (the stacked AE's phase lengths against train.max_steps).
-            return _family_configs[family]().model_validate(self.models.get(family, {}), context={"train": self.train})
+            context = {"train": self.train} if for_training else None
+            return _family_configs[family]().model_validate(self.models.get(family, {}), context=context)
         except ValidationError as err:
             raise ParamsError(describe_validation_error(err, prefix=f"models.{family}.")) from None
 

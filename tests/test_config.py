@@ -78,3 +78,12 @@ def test_reading_params_imports_no_model():
 def test_dvc_foreach_lists_exactly_the_family_table():
     families = next(v["families"] for v in yaml.safe_load(Path("dvc.yaml").read_text())["vars"] if "families" in v)
     assert families == list(FAMILY_NAMES)
+
+
+def test_a_familys_checks_against_training_params_wait_until_that_family_is_configured():
+    # Review finding: sae's phase lengths (150 steps by default) were checked against
+    # train.max_steps on every command, so `genflow train vae -S train.max_steps=100` failed.
+    params = load_params(None, ["train.max_steps=100", "models.sae.layer_steps=[30,30,30,30,30]"])
+    assert params.family_config("vae").latent_dim >= 1
+    with pytest.raises(ParamsError, match=r"models\.sae\.layer_steps: the greedy phases take 150 steps"):
+        params.family_config("sae")
