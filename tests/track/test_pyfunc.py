@@ -26,9 +26,12 @@ class RecordingModel:
 
 
 @pytest.mark.slow
-def test_pyfunc_signature_keeps_the_optional_attrs_column(tmp_path):
+def test_pyfunc_signature_keeps_the_optional_attrs_column(tmp_path, monkeypatch):
     # Issue 8 #12: MLflow drops input columns the signature does not name, so `attrs` never
     # reached predict and a conditional model could not be conditioned through the pyfunc.
+    # set_tracking_uri exports MLFLOW_TRACKING_URI, which genflow's params then obey: scoped to
+    # this test, or every later test's commands would talk to this store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = mlflow.create_experiment("pyfunc", artifact_location=(tmp_path / "artifacts").as_uri())
     save_model(tmp_path / "model.pt", "vae", VAE(VAEConfig(**TINY_CONFIGS["vae"])))
