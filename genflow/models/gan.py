@@ -236,7 +236,8 @@ class DCGAN(GenerativeModel):
         return None
 
     def noise(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(n, self.config.latent_dim, device=device, generator=generator)
+        dtype = next(self.generator.parameters()).dtype  # the generator's precision (float64 in the DDP test)
+        return torch.randn(n, self.config.latent_dim, device=device, dtype=dtype, generator=generator)
 
     def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         real = batch.images
@@ -288,7 +289,7 @@ class CGAN(DCGAN):
     conditional = True
 
     def condition(self, attrs: torch.Tensor) -> torch.Tensor:
-        return attrs.float()
+        return attrs.to(next(self.generator.parameters()).dtype)  # the model's precision
 
     def sampling_condition(self, n: int, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is None or cond.shape != (n, ATTRIBUTES):
