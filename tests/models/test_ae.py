@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import genflow.models.families  # noqa: F401  (the family table: models.* sections are validated)
 from genflow.config import ParamsError, TrainParams, load_params
 from genflow.models.ae import AE, DAE, SAE, AEConfig, CodeGaussian, DAEConfig, SAEConfig
 from genflow.models.protocol import Batch
