@@ -4,7 +4,7 @@ Each family, at its tiny config (tests/models/tiny.py): `sample` gives uint8 [n,
 the same for the same generator seed; `training_step` returns the losses its optimizers train
 (`loss` for one optimizer "main", else `loss/NAME`) and detached scalar metrics; a checkpoint
 (genflow/train/checkpoint.py) restores weights, optimisers, schedules, RNG and per-rank training
-state; and one optimisation step of the loop (genflow.train.loop.optimisation_step, the very
+state; and one optimisation step of the loop (genflow.train.step.optimisation_step, the very
 function the Ray worker runs) on 2 gloo DDP ranks equals the same step on one rank with the
 combined batch.
 
@@ -39,7 +39,8 @@ from genflow.models import families
 from genflow.models.families import FAMILY_NAMES, get_family
 from genflow.models.protocol import Batch, GenerativeModel, adamw
 from genflow.train.checkpoint import restore_model, restore_optimizers, restore_rank_state, save_checkpoint
-from genflow.train.loop import InMemoryBatches, Optimization, ddp_options, optimisation_step
+from genflow.train.loop import InMemoryBatches
+from genflow.train.step import Optimization, ddp_options, optimisation_step
 from tests.models.tiny import TINY_CONFIGS
 
 # Ray workers cannot import this module: the toy families travel to them by value.

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 
 from genflow.config import TrainParams
 from genflow.models.protocol import Batch, GenerativeModel
-from genflow.train.loop import (InMemoryBatches, Optimization, ShardBatches, batches_from, gather_batch, lr_lambda,
-                                optimisation_step)
+from genflow.train.loop import InMemoryBatches, ShardBatches, batches_from
+from genflow.train.step import Optimization, gather_batch, lr_lambda, optimisation_step
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
