@@ -245,6 +245,9 @@ def _field_errors(base: dict[str, Any], family: str, key: str, value: Any) -> li
     return []
 
 
+VALIDATION_FD = "val/fd_effnet"  # the loop's validation_fd: trials of a search on it compute it
+
+
 def trial_base(params: Params, family: str, settings: SearchSettings) -> dict[str, Any]:
     """The params every trial starts from, as plain data: the family's full config spelled out
     (so that every model key is a leaf a space may name), and the final run's training conditions
@@ -257,6 +260,8 @@ def trial_base(params: Params, family: str, settings: SearchSettings) -> dict[st
     # Trials run in their own working directory: paths must not be relative.
     base["data"]["shards"] = str(Path(params.data.shards).resolve())
     base["train"].update(cpus_per_worker=settings.cpus_per_worker, run_name="")
+    if settings.metric == VALIDATION_FD:
+        base["train"]["validation_fd"] = True  # the objective is scored at every checkpoint
     return base
 
 
