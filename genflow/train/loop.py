@@ -201,6 +201,7 @@ class RankRun:
     batches_per_epoch: int
     device: torch.device
     autocast: ContextManager
+    channels_last: bool  # the model's and the batches' memory format (bf16 on a GPU)
 
 
 def train_worker(config: WorkerConfig) -> None:
@@ -218,7 +219,7 @@ def train_worker(config: WorkerConfig) -> None:
         window_start, window_steps, rank0_seconds = time.perf_counter(), 0, 0.0
         while run.step < train.max_steps:
             _, (images, attrs) = next(run.batches)
-            batch = to_device(images, attrs, run.device)
+            batch = to_device(images, attrs, run.device, run.channels_last)
             # The learning rates this step trains with (the schedules move on inside the step).
             step_lrs = {name: scheduler.get_last_lr()[0] for name, scheduler in run.optimization.schedulers.items()}
             result = optimisation_step(run.forward, run.model, run.optimization, batch, run.step,
@@ -270,8 +271,10 @@ def setup(config: WorkerConfig, rank: int, world_size: int) -> RankRun:
     on_gpu = device.type == "cuda"
     torch.manual_seed(train.seed)  # the same initial weights on every rank, before `initialize`
     model = config.model_class(config.model_config).to(device)
-    if on_gpu:
-        # NHWC convolutions are what tensor cores are fast at.
+    # NHWC is what bf16 tensor-core convolutions want; in fp32 the default layout measured faster
+    # (README, "On one GPU"), so train.bf16 = false on a GPU is plain fp32.
+    channels_last = on_gpu and train.bf16
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     seed_everything(derived_seed(train.seed, rank))  # each rank its own noise
     make_source = config.batch_source or ShardBatches(config.shards, train)
@@ -288,7 +291,7 @@ def setup(config: WorkerConfig, rank: int, world_size: int) -> RankRun:
     else:
         step, batches = 0, batches_from(source, 0)
         first = next(batches)
-        model.initialize(gather_batch(to_device(*first[1], device)))
+        model.initialize(gather_batch(to_device(*first[1], device, channels_last)))
         batches = itertools.chain([first], batches)
         optimization = Optimization.build(model, train)
     # DDP when world_size > 1 (gloo on CPU, NCCL on GPU); it broadcasts rank 0's weights.
@@ -302,12 +305,13 @@ def setup(config: WorkerConfig, rank: int, world_size: int) -> RankRun:
         batches_per_epoch=source.batches_per_epoch,
         device=device,
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and train.bf16 else contextlib.nullcontext(),
+        channels_last=channels_last,
     )
 
 
-def to_device(images: torch.Tensor, attrs: torch.Tensor, device: torch.device) -> Batch:
+def to_device(images: torch.Tensor, attrs: torch.Tensor, device: torch.device, channels_last: bool = False) -> Batch:
     images = images.to(device, non_blocking=True)
-    if device.type == "cuda":
+    if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return Batch(images, attrs.to(device, non_blocking=True))
 
@@ -403,13 +407,16 @@ def validation_fd(model: GenerativeModel, batches: list, device: torch.device, s
 
     if len(batches) == 0:
         return {}
-    extractor = _fd_extractor(device)
     was_training = model.training
     model.eval()
     real, fake = [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # Inside the fork: building the network draws its initial weights from the global RNG
+        # before the ImageNet weights replace them.
+        extractor = _fd_extractor(device)
         for i in range(rank, len(batches), world_size):
             images, attrs = batches[i]
+            torch.manual_seed(derived_seed(seed, i, 1))  # for a family that draws outside its generator
             generator = torch.Generator(device).manual_seed(derived_seed(seed, i, 1))
             cond = attrs.to(device) if model.conditional else None
             real.append(extractor(model.to_uint8(images)))

@@ -19,6 +19,7 @@ from genflow.config import TrainParams
 from genflow.eval.features import load_extractor
 from genflow.models.protocol import Batch, GenerativeModel
 from genflow.models.vae import VAE
+from genflow.train import loop
 from genflow.train.loop import InMemoryBatches, ShardBatches, batches_from, derived_seed, validation_fd
 from genflow.train.step import Optimization, gather_batch, lr_lambda, optimisation_step
 from tests.models.tiny import TINY_CONFIGS
@@ -155,10 +156,11 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two-ranks")
     context = mp.start_processes(_two_ranks, args=(str(folder / "store"), str(folder)), nprocs=2,
                                  join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
+    # Generous: each rank also loads EfficientNet and scores val/fd_effnet (a minute on a loaded CPU).
+    deadline = time.monotonic() + 400
     try:
         while not context.join(timeout=2):
-            assert time.monotonic() < deadline, "a rank hung: the non-finite decision was not collective"
+            assert time.monotonic() < deadline, "a rank hung: a collective (the non-finite decision, the FD's gather) was not"
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -191,10 +193,15 @@ def validation_images() -> list:
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # sqrtm of a rank-deficient product: the reference
-def test_validation_fd_is_the_frechet_distance_of_the_validation_images_and_as_many_samples():
+def test_validation_fd_is_the_frechet_distance_of_the_validation_images_and_as_many_samples(monkeypatch):
     model = tiny_vae()
     batches = validation_images()
+    monkeypatch.setattr(loop, "_EXTRACTORS", {})  # the first scoring in a process also builds the network
+    before = torch.get_rng_state()
     got = validation_fd(model, batches, torch.device("cpu"), seed=0)["val/fd_effnet"]
+    # Forked off training's random stream, network building included: a run scored at its
+    # checkpoints trains as one that is not (a search's trials as the final run).
+    assert torch.equal(torch.get_rng_state(), before)
 
     extractor = load_extractor("imagenet", None, "cpu")
     real = torch.cat([extractor(model.to_uint8(images)) for images, _ in batches]).double().numpy()
@@ -206,8 +213,7 @@ def test_validation_fd_is_the_frechet_distance_of_the_validation_images_and_as_m
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root)
     assert got == pytest.approx(expected, rel=1e-3)
     assert got > 0
-    # Scoring is forked off the training stream and leaves the model in training mode.
-    assert model.training
+    assert model.training  # left as it was found
 
 
 def test_validation_fd_does_not_depend_on_the_number_of_ranks(two_ranks):
