@@ -342,6 +342,10 @@ def test_a_submitted_tune_succeeds_with_a_parent_run_and_a_run_per_trial(jobs):
     [parent] = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and len(trials) == 2 == len(runs) - 1
+    # The trials' workers found their cluster by the address the job's driver gave them, not by
+    # looking among the machine's Rays (the test session's own is one): Train's placement-group
+    # cleaner then works.
+    assert "Found multiple active Ray instances" not in tune.stdout + tune.stderr
 
 
 @pytest.mark.slow
