@@ -46,15 +46,20 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
     write_sample(args.out, n=args.n, layout=args.layout, seed=args.seed)
 
 
-def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from genflow.data.shards import prepare
-
+def data_prepare_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The overrides `data prepare`'s flags stand for (see _params)."""
     flags = {}
     if args.source:
         flags[f"data.source={args.source}"] = f"--source {args.source}"
     if args.out:
         flags[f"data.shards={args.out}"] = f"--out {args.out}"
-    prepare(_params(args, flags).data)
+    return flags
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from genflow.data.shards import prepare
+
+    prepare(_params(args, data_prepare_flags(args)).data)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -133,12 +138,18 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    from genflow.submit import submit
+    from genflow.submit import list_jobs, project_root, stop_job, submit
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise ParamsError("submit: give the genflow subcommand after --, e.g. -- train vae --workers 4")
-    submit(args.address, command, wait=not args.no_wait)
+    if sum((bool(command), args.list, args.stop is not None)) != 1:
+        raise ParamsError("submit: give the genflow subcommand after --, e.g. -- train vae --workers 4; "
+                          "or --list, or --stop JOB")
+    if args.list:
+        print(list_jobs(args.address))
+    elif args.stop is not None:
+        print(stop_job(args.address, args.stop, wait=not args.no_wait))
+    else:
+        submit(args.address, command, wait=not args.no_wait, working_dir=str(project_root(Path.cwd())))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,8 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="run a genflow subcommand on a Ray cluster (Ray Jobs API)")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
-    p.add_argument("--no-wait", action="store_true", help="return once submitted")
-    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once submitted (print the job id), or once --stop has asked the job to stop")
+    p.add_argument("--list", action="store_true", help="list the cluster's jobs, as `ray job list`")
+    p.add_argument("--stop", metavar="JOB", help="stop job JOB, as `ray job stop`, and wait until it has stopped")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- then the genflow subcommand the job runs, e.g. -- train vae --workers 8 --gpu")
     p.set_defaults(func=cmd_submit)
     return parser
 

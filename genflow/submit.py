@@ -1,42 +1,66 @@
-"""Run a genflow subcommand on a Ray cluster through the Ray Jobs API.
+"""Run a genflow subcommand on a Ray cluster through the Ray Jobs API, list its jobs, stop one.
 
-    genflow submit --address http://localhost:8265 -- train vae --workers 8 --gpu
+    genflow submit --address http://localhost:8265 -- train vae --workers 8 --gpu \
+        -S data.shards=/mnt/genflow/shards -S train.storage_path=/mnt/genflow/ray_results
+    genflow submit --address http://localhost:8265 --list
+    genflow submit --address http://localhost:8265 --stop raysubmit_XYZ
 
 The address is the Ray dashboard's HTTP address (port 8265). For a cluster started with
 `ray up infra/ray/cluster.yaml`, `ray dashboard infra/ray/cluster.yaml` forwards it to
 http://localhost:8265; on Kubernetes, `kubectl port-forward svc/genflow-head-svc 8265`.
+A cluster with token authentication (Ray 2.60: `ray get-auth-token` on the head prints the
+token) takes it from the environment, as Ray's own clients do: RAY_AUTH_MODE=token and
+RAY_AUTH_TOKEN=... (or RAY_AUTH_TOKEN_PATH).
 
 The job's driver runs `genflow <command>` on the cluster, in a copy of this project that
 the client uploads (runtime_env working_dir; data, local MLflow stores and Ray results stay
 here). The copy comes first on the job's PYTHONPATH, so the cluster runs the code you have
-here. No `pip` runtime_env: the cluster's image (infra/docker/Dockerfile) already has genflow
-and its dependencies, and installing torch for every job would take minutes.
+here, and its params.yaml is the job's. No `pip` runtime_env: the cluster's image
+(infra/docker/Dockerfile) already has genflow and its dependencies, and installing torch for
+every job would take minutes.
 
 The job cannot read or write this machine's files: shards and checkpoints go on a file system
 every node mounts (`-S data.shards=/mnt/genflow/shards -S train.storage_path=/mnt/genflow/ray_results`
 with infra/), runs to an MLflow tracking server (MLFLOW_TRACKING_URI=http://HOST:5000, which
-is passed on to the job).
+is passed on to the job). A relative path there would name a folder in the job's throwaway copy
+of the project, so the command is checked here first (its arguments, its params, those paths)
+and refused before anything is uploaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import shlex
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
-import yaml
-
 from genflow._telemetry import TELEMETRY_OFF
-from genflow.config import PARAMS_FILE, TrackingParams
+from genflow.config import PARAMS_FILE, Params, ParamsError
 
 # Big or local-only things the job has no use for ("/" anchors a pattern at the project root,
 # so the package genflow/data/ is kept). Ray itself also skips .git, .venv, __pycache__ and
 # what .gitignore files list.
 EXCLUDES = ["/data/", "/mlflow.db", "/mlartifacts/", "/mlruns/", "/ray_results/", "/.dvc/cache/"]
 CONNECT_TIMEOUT_S = 10
+LOG_TAIL_LINES = 15  # of a failed job's log, repeated in the error: its own error is at the end
+
+# The params naming places that each subcommand reads or writes (data.source: its folder).
+PLACES = {
+    "data prepare": ("data.source", "data.shards"),
+    "train": ("data.shards", "train.storage_path", "tracking.uri"),
+    "tune": ("data.shards", "train.storage_path", "tracking.uri"),
+    "evaluate": ("data.shards", "tracking.uri"),
+    "register": ("tracking.uri",),
+    "registry": ("tracking.uri",),
+    "sample": ("tracking.uri",),
+    "report": ("tracking.uri",),
+}
 
 
 class SubmitError(RuntimeError):
@@ -46,11 +70,13 @@ class SubmitError(RuntimeError):
 def submit(address: str, command: list[str], wait: bool = True, working_dir: str = ".") -> str:
     """Submit `genflow <command...>` to the Ray cluster whose dashboard is at `address`.
 
-    Prints the job id and how to follow it; with `wait`, streams the job's logs until it
-    ends and raises `SubmitError` unless it succeeded. Returns the job id.
+    The command is checked first (see check_command). Prints the job id and how to follow it;
+    with `wait`, streams the job's logs until it ends and raises `SubmitError` (with the end of
+    its log) unless it succeeded. Returns the job id.
     """
     from ray.job_submission import JobStatus
 
+    check_command(command, Path(working_dir))
     address = address.rstrip("/")
     entrypoint = shlex.join(["genflow", *command])
     client = _connect(address)
@@ -62,22 +88,141 @@ def submit(address: str, command: list[str], wait: bool = True, working_dir: str
     ray_job = f"ray job {{}} {job_id} --address {address}"
     print(f"submitted {job_id}: {entrypoint}")
     print(f"  follow: {ray_job.format('logs -f')}")
-    print(f"  stop:   {ray_job.format('stop')}")
+    print(f"  stop:   genflow submit --address {address} --stop {job_id}")
     if not wait:
         return job_id
 
     try:
         asyncio.run(_print_logs(client, job_id))
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on. To stop it: {ray_job.format('stop')}", file=sys.stderr)
-        raise
+        # Not the CLI's "interrupted; run the same command again": that would submit a second job.
+        print(f"\nstopped following; the job goes on. To stop it: genflow submit --address {address} --stop {job_id}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     info = client.get_job_info(job_id)
     if info.status != JobStatus.SUCCEEDED:
-        # The message's first line says why; the log lines Ray appends were streamed above.
-        reason = f": {info.message.splitlines()[0]}" if info.message else ""
-        raise SubmitError(f"job {job_id} {info.status}{reason}\n  logs: {ray_job.format('logs')}")
+        # Ray's message says why in its first line ("...failed with exit code 2"), then appends the
+        # whole log; the log's last lines hold the command's own error.
+        reason = f": {info.message.splitlines()[0].split(', last available logs')[0]}" if info.message else ""
+        tail = "\n".join(f"    {line}" for line in client.get_job_logs(job_id).rstrip().splitlines()[-LOG_TAIL_LINES:])
+        raise SubmitError(f"job {job_id} {info.status}{reason}\n  the end of its log:\n{tail}\n"
+                          f"  the whole log: {ray_job.format('logs')}")
     print(f"job {job_id} SUCCEEDED")
     return job_id
+
+
+def list_jobs(address: str) -> str:
+    """The jobs of the cluster at `address`, oldest first, as a table (what `ray job list` lists)."""
+    address = address.rstrip("/")
+    jobs = sorted(_connect(address).list_jobs(), key=lambda job: job.start_time or 0)
+    if not jobs:
+        return f"no jobs on the Ray cluster at {address}"
+    rows = [("JOB", "STATUS", "STARTED (UTC)", "DURATION", "ENTRYPOINT")]
+    for job in jobs:
+        started = datetime.fromtimestamp(job.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if job.start_time else "-"
+        seconds = ((job.end_time or time.time() * 1000) - job.start_time) / 1000 if job.start_time else None
+        duration = "-" if seconds is None else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+        rows.append((job.submission_id or job.job_id or "-", str(job.status), started, duration, job.entrypoint or ""))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows)
+
+
+def stop_job(address: str, job_id: str, wait: bool = True) -> str:
+    """Stop job `job_id` (as `ray job stop`); with `wait`, until it has stopped. Returns what happened."""
+    address = address.rstrip("/")
+    client = _connect(address)
+    try:
+        status = client.get_job_status(job_id)
+    except RuntimeError:
+        raise SubmitError(f"no job {job_id} on the Ray cluster at {address}; "
+                          f"`genflow submit --address {address} --list` lists its jobs") from None
+    if status.is_terminal():
+        return f"job {job_id} already ended ({status}); nothing to stop"
+    client.stop_job(job_id)
+    if not wait:
+        return f"job {job_id}: stop requested"
+    asyncio.run(_wait_until_done(client, job_id))
+    return f"job {job_id} {client.get_job_status(job_id)}"
+
+
+def check_command(command: list[str], project: Path) -> None:
+    """Refuse, before anything is uploaded, a command that would fail or lose its results there.
+
+    The command is parsed as `genflow` parses it and its params are loaded as the job will load
+    them (the project's params file, its -S overrides and flags, MLFLOW_TRACKING_URI); a relative
+    path among the places it uses (PLACES) would name a folder in the job's copy of the project,
+    where data/ is not uploaded and what is written is lost with the copy.
+    """
+    from genflow.cli import build_parser, data_prepare_flags
+
+    parsed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(parsed), contextlib.redirect_stderr(parsed):
+            args = build_parser().parse_args(command)
+    except SystemExit as done:
+        if done.code == 0:  # --help: nothing to check
+            return
+        raise SubmitError(f"`genflow {shlex.join(command)}` is not a genflow command; nothing was submitted:\n"
+                          f"{parsed.getvalue().rstrip()}") from None
+    name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    if name == "data synth" and not Path(args.out).is_absolute():
+        _refuse_relative({"OUT": args.out})
+    if name not in PLACES:
+        return
+    params_file = project / (args.params or PARAMS_FILE)
+    if args.params is not None and not params_file.is_file():
+        raise SubmitError(f"--params {args.params}: no such file in {project}, which the job runs in a copy of")
+    flags = data_prepare_flags(args) if name == "data prepare" else {}
+    params = _load(params_file, [*flags, *(args.set or [])], flags)
+    places = {key: _place(params, key) for key in PLACES[name]}
+    local = {key: _local_path(value) for key, value in places.items()}
+    _refuse_relative({key: places[key] for key, path in local.items() if path is not None and not Path(path).is_absolute()})
+    uri = places.get("tracking.uri")
+    if local.get("tracking.uri"):
+        print(f"genflow submit: warning: the MLflow tracking URI {uri!r} is a local store: the job writes it on the "
+              "cluster node it runs on, where you will not see it unless every node and this machine share that "
+              "folder. Run a tracking server (infra/mlflow) and set MLFLOW_TRACKING_URI=http://HOST:5000 before "
+              "submitting.", file=sys.stderr)
+
+
+def _load(params_file: Path, overrides: list[str], flags: dict[str, str]) -> Params:
+    from genflow.config import load_params
+
+    try:
+        return load_params(params_file, overrides, flags=flags)
+    except ParamsError as err:
+        raise SubmitError(f"{err}; nothing was submitted") from None
+
+
+def _place(params: Params, key: str) -> str:
+    """The place a params key names (the data source `sample` is data.sample.dir's)."""
+    if key == "data.source":
+        return str(params.data.source_path())
+    if key == "tracking.uri":
+        return params.tracking.resolved_uri()
+    section, name = key.split(".")
+    return getattr(getattr(params, section), name)
+
+
+def _local_path(place: str) -> str | None:
+    """The folder or file a path or local store URI (sqlite:///, file:) names; None for a server's URI."""
+    scheme = urlparse(place).scheme
+    if scheme == "sqlite":
+        return place.removeprefix("sqlite://").removeprefix("/")  # sqlite:///rel.db, sqlite:////abs.db
+    if scheme == "file":
+        return urlparse(place).path
+    return place if scheme == "" else None
+
+
+def _refuse_relative(relative: dict[str, str]) -> None:
+    if relative:
+        named = ", ".join(f"{key}={value}" for key, value in relative.items())
+        raise SubmitError(
+            f"{named}: relative, so on the cluster it names a place in the job's temporary copy of this project, "
+            "which holds no data/ and is discarded with what is written there. Give places every node reaches: "
+            "-S data.shards=/mnt/genflow/shards -S train.storage_path=/mnt/genflow/ray_results (a mount every node "
+            "shares, or an absolute path on a one-machine cluster) and a tracking server: "
+            "MLFLOW_TRACKING_URI=http://HOST:5000 (or -S tracking.uri=...); nothing was submitted")
 
 
 def runtime_env(working_dir: str = ".") -> dict:
@@ -85,23 +230,18 @@ def runtime_env(working_dir: str = ".") -> dict:
     env_vars = dict(TELEMETRY_OFF)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
-    uri = _tracking_uri(Path(working_dir))
-    if urlparse(uri).scheme in ("", "file", "sqlite"):
-        print(
-            f"genflow submit: warning: the MLflow tracking URI {uri!r} is a local store: the job "
-            "writes it on the cluster, where you will not see it. Run a tracking server "
-            "(infra/mlflow) and set MLFLOW_TRACKING_URI=http://HOST:5000 before submitting.",
-            file=sys.stderr,
-        )
     return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
 
 
-def _tracking_uri(working_dir: Path) -> str:
-    # The URI the job will use, by genflow.config's rule (the environment wins over params.yaml);
-    # params.yaml is read directly: load_params would import every model family.
-    params_file = working_dir / PARAMS_FILE
-    raw = (yaml.safe_load(params_file.read_text()) if params_file.exists() else None) or {}
-    return TrackingParams(**(raw.get("tracking") or {})).resolved_uri()
+def project_root(start: Path) -> Path:
+    """The folder the job runs a copy of: `start`, unless it is a folder inside a project."""
+    start = start.resolve()
+    if not any((start / name).exists() for name in (PARAMS_FILE, "dvc.yaml")):
+        for parent in start.parents:
+            if any((parent / name).exists() for name in (PARAMS_FILE, "dvc.yaml")):
+                raise SubmitError(f"run genflow submit from the project's root, {parent}: the job runs in a copy of "
+                                  f"the folder it is started from, and reads its {PARAMS_FILE}")
+    return start
 
 
 def _connect(address: str):
@@ -132,6 +272,12 @@ def _connect(address: str):
     except (ConnectionError, RuntimeError) as err:
         raise SubmitError(f"{fix}: {err}") from None
     except AuthenticationError:
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            raise SubmitError(
+                f"the Ray cluster at {address} refused the authentication token this machine gave it (RAY_AUTH_TOKEN, "
+                "else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token): set RAY_AUTH_TOKEN to what "
+                "`ray get-auth-token` prints on the head node"
+            ) from None
         raise SubmitError(
             f"the Ray cluster at {address} requires its authentication token: set RAY_AUTH_MODE=token "
             "and RAY_AUTH_TOKEN (`ray get-auth-token` on the head node prints it)"

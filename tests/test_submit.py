@@ -1,6 +1,9 @@
-"""genflow submit: the Ray Jobs API client, against no cluster and against a local Ray head."""
+"""genflow submit: the Ray Jobs API client, against no cluster and against a local Ray head with
+token authentication on."""
 
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -16,7 +19,8 @@ import pytest
 import requests
 
 from genflow._telemetry import TELEMETRY_OFF
-from genflow.submit import EXCLUDES, SubmitError, runtime_env, submit
+from genflow.data.synth import write_sample
+from genflow.submit import EXCLUDES, SubmitError, check_command, project_root, runtime_env, submit
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -66,31 +70,120 @@ def test_address_must_be_the_dashboard_url():
         submit("127.0.0.1:8265", ["--help"])
 
 
-def test_runtime_env_turns_telemetry_off_and_passes_the_tracking_server(monkeypatch, capsys):
+def test_runtime_env_turns_telemetry_off_and_passes_the_tracking_server(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     env = runtime_env(str(PROJECT))
     assert env["env_vars"] == {**TELEMETRY_OFF, "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
     assert env["working_dir"] == str(PROJECT) and env["excludes"] == EXCLUDES
-    assert "warning" not in capsys.readouterr().err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert runtime_env(str(PROJECT))["env_vars"] == TELEMETRY_OFF  # the job reads params.yaml itself
 
 
-@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "sqlite:////home/me/mlflow.db", "file:///tmp/mlruns", "mlruns"])
-def test_local_tracking_store_is_warned_about(monkeypatch, capsys, uri):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    runtime_env(str(PROJECT))
-    err = capsys.readouterr().err
-    assert repr(uri) in err and "MLFLOW_TRACKING_URI=http://" in err
+# ---- the command is checked here, before anything is uploaded ----------------------------------
+
+SHARED = ["-S", "data.shards=/mnt/g/shards", "-S", "train.storage_path=/mnt/g/ray"]
 
 
-def test_tracking_uri_from_params_when_the_environment_has_none(monkeypatch, capsys, tmp_path):
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project whose params.yaml keeps the defaults (relative places), no MLFLOW_TRACKING_URI."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "params.yaml").write_text("tracking:\n  uri: http://mlflow:5000\n")
-    # The job reads params.yaml itself; nothing to pass, nothing to warn about.
-    assert "MLFLOW_TRACKING_URI" not in runtime_env(str(tmp_path))["env_vars"]
+    (tmp_path / "params.yaml").write_text("train:\n  max_steps: 5\n")
+    return tmp_path
+
+
+def test_relative_places_are_refused_before_the_cluster_is_contacted(project):
+    # The address is unreachable: the refusal comes first, and names every relative place.
+    with pytest.raises(SubmitError) as refused:
+        submit("http://127.0.0.1:1", ["train", "vae"], working_dir=str(project))
+    message = str(refused.value)
+    assert message.startswith("data.shards=data/shards, train.storage_path=ray_results, tracking.uri=sqlite:///mlflow.db: relative")
+    assert "-S data.shards=/mnt/genflow/shards" in message and "MLFLOW_TRACKING_URI=http://HOST:5000" in message
+    assert message.endswith("nothing was submitted")
+
+
+@pytest.mark.parametrize("command,refused", [
+    (["train", "vae", *SHARED[:2]], "train.storage_path=ray_results, tracking.uri"),
+    (["tune", "vae", *SHARED, "-S", "tracking.uri=mlruns"], "tracking.uri=mlruns: relative"),
+    (["evaluate", "vae", "-S", "tracking.uri=http://mlflow:5000"], "data.shards=data/shards: relative"),
+    (["register", "vae"], "tracking.uri=sqlite:///mlflow.db: relative"),
+    (["data", "prepare"], "data.source=data/sample, data.shards=data/shards: relative"),  # "sample" is data.sample.dir
+    (["data", "prepare", "--source", "/celeba", "--out", "shards"], "data.shards=shards: relative"),
+    (["data", "synth", "out", "--n", "4"], "OUT=out: relative"),
+])
+def test_each_command_is_checked_for_the_places_it_uses(project, command, refused):
+    with pytest.raises(SubmitError, match=f"^{re.escape(refused)}"):
+        check_command(command, project)
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "vae", *SHARED, "-S", "tracking.uri=http://mlflow:5000"],
+    ["data", "prepare", "--source", "/celeba", "--out", "/mnt/g/shards"],
+    ["registry", "list", "-S", "tracking.uri=http://mlflow:5000"],  # lists the registry: data.shards is not used
+    ["data", "synth", "/mnt/g/sample", "--n", "4"],
+    ["--help"],
+])
+def test_commands_with_places_every_node_reaches_pass(project, capsys, command):
+    check_command(command, project)
     assert capsys.readouterr().err == ""
+
+
+def test_the_tracking_server_in_the_environment_counts_as_the_job_will_see_it(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # passed on to the job, and wins there
+    check_command(["train", "vae", *SHARED, "-S", "tracking.uri=sqlite:///mlflow.db"], project)
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////home/me/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"])
+def test_an_absolute_local_tracking_store_is_warned_about(project, capsys, uri):
+    # Right on a one-machine cluster or a shared mount; elsewhere the runs stay on the node.
+    check_command(["train", "vae", *SHARED, "-S", f"tracking.uri={uri}"], project)
+    err = capsys.readouterr().err
+    assert repr(uri) in err and "is a local store" in err and "MLFLOW_TRACKING_URI=http://" in err
+
+
+@pytest.mark.parametrize("command,error", [
+    (["train", "nope"], "argument family: invalid choice: 'nope'"),
+    (["train", "vae", "-S", "train.nope=1"], "train.nope"),
+    (["evaluate", "vae", "--params", "other.yaml"], "--params other.yaml: no such file in"),
+])
+def test_a_command_that_cannot_run_is_refused_with_its_own_error(project, command, error):
+    with pytest.raises(SubmitError, match=re.escape(error)) as refused:
+        check_command(command, project)
+    assert "nothing was submitted" in str(refused.value) or "--params" in error
+
+
+def test_submit_runs_the_project_from_its_root(tmp_path):
+    (tmp_path / "params.yaml").write_text("")
+    (tmp_path / "genflow").mkdir()
+    assert project_root(tmp_path) == tmp_path.resolve()
+    with pytest.raises(SubmitError, match=f"run genflow submit from the project's root, {tmp_path.resolve()}"):
+        project_root(tmp_path / "genflow")
     (tmp_path / "params.yaml").unlink()
-    runtime_env(str(tmp_path))
-    assert "'sqlite:///mlflow.db' is a local store" in capsys.readouterr().err
+    assert project_root(tmp_path / "genflow") == (tmp_path / "genflow").resolve()  # no project: the folder itself
+
+
+def test_submit_takes_one_of_a_command_list_or_stop(capsys):
+    from genflow.cli import main
+
+    for argv in (["--list", "--", "train", "vae"], ["--list", "--stop", "raysubmit_x"], []):
+        assert main(["submit", "--address", "http://127.0.0.1:1", *argv]) == 2
+        assert "or --list, or --stop JOB" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_following_leaves_the_job_running_and_says_how_to_stop_it(monkeypatch, capsys):
+    class Following:  # a cluster that took the job; the user presses Ctrl+C while its log streams
+        def submit_job(self, entrypoint, runtime_env):
+            return "raysubmit_1"
+
+        async def tail_job_logs(self, job_id):
+            yield "step 1\n"
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("genflow.submit._connect", lambda address: Following())
+    with pytest.raises(SystemExit) as ended:  # not the CLI's "run the same command again": a second job
+        submit("http://head:8265", ["--help"], working_dir=str(PROJECT))
+    assert ended.value.code == 130
+    assert "the job goes on. To stop it: genflow submit --address http://head:8265 --stop raysubmit_1" in capsys.readouterr().err
 
 
 def test_excludes_keep_the_package_and_drop_local_data():
@@ -103,7 +196,13 @@ def test_excludes_keep_the_package_and_drop_local_data():
         assert not spec.match_file(kept), kept
 
 
-# ---- end to end: a local Ray head with its dashboard on loopback -----------------------------
+
+# ---- end to end: `genflow submit` against a local Ray head with token authentication on -------
+#
+# The head runs on loopback, in its own temp dir and on free ports, so that it neither meets nor is
+# found by the test session's own local Ray (ray_local). `genflow submit` runs as a user runs it, in
+# a subprocess with the token in its environment; the test process never holds the token, so its
+# own Ray keeps its authentication as it was.
 
 
 def _free_port() -> int:
@@ -112,74 +211,190 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _environment(**extra: str) -> dict[str, str]:
+    # Nothing of a Ray this process may have started or joined leaks into the head or the client.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "RAY_JOB_CONFIG_JSON_ENV_VAR", "MLFLOW_TRACKING_URI")}
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")])), **extra}
+
+
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` in its own temp dir and on free ports, so that it neither
-    meets nor is found by another Ray on the machine; stopped (SIGTERM to `ray start --block`
-    stops the node's processes) whatever the tests do."""
+    """`ray start --head --block` with token authentication on (Ray 2.60: RAY_AUTH_MODE=token and
+    the token in RAY_AUTH_TOKEN, as `ray get-auth-token` would print it), stopped at the end by
+    SIGTERM to `ray start --block`, which stops the node's processes (and only them); yields the
+    dashboard address and the environment a client needs."""
     temp_dir = tempfile.mkdtemp(prefix="gfray")  # short: Ray puts Unix sockets under it
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     dashboard_port = _free_port()
     ray_cli = Path(sys.executable).with_name("ray")
     command = [
         str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
-        "--port=0", "--num-cpus=1", "--include-dashboard=true", "--disable-usage-stats",
+        "--port=0", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
         f"--temp-dir={temp_dir}",
     ]
     log_path = Path(temp_dir) / "ray_start.log"
-    # Ray 2.60 turns token authentication on when ~/.ray/auth_token exists (a local ray.init()
-    # writes one); this loopback-only head does without, whatever the machine has.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     with open(log_path, "w") as log:
-        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_environment(**token),
+                                start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
             try:
-                if requests.get(f"{address}/api/version", timeout=2).ok:
+                if requests.get(f"{address}/api/version", timeout=2).status_code == 401:  # up, and wants the token
                     break
             except requests.RequestException:
                 pass
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the Ray head did not start its dashboard (needs ray[default]):\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield address
+        yield address, _environment(**token)
     finally:
         head.terminate()
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_submit_runs_the_command_on_the_cluster_and_streams_its_logs(ray_head, tmp_path, monkeypatch, capsys):
-    # An explicit address wins over RAY_ADDRESS, which Ray's client would otherwise prefer.
-    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
-    out = tmp_path / "sample"
-    job_id = submit(ray_head, ["data", "synth", str(out), "--n", "10"], working_dir=str(PROJECT))
-    printed = capsys.readouterr().out
-    assert f"ray job logs -f {job_id} --address {ray_head}" in printed
-    assert f"genflow data synth {out} --n 10" in printed  # the job's log, streamed back
-    assert f"job {job_id} SUCCEEDED" in printed
-    assert any(path.is_file() for path in out.rglob("*"))
+def genflow(env: dict[str, str], *argv: str, background: bool = False):
+    """`genflow ARGV...` from the project's root, as a user runs it."""
+    command = [sys.executable, "-m", "genflow.cli", *argv]
+    if background:
+        return subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def job_id_of(output: str) -> str:
+    return re.search(r"^submitted (raysubmit_\w+): ", output, re.MULTILINE).group(1)
+
+
+TINY_RUN = ["-S", "models.vae.hidden_channels=[8,16,32,32]", "-S", "models.vae.latent_dim=8", "-S", "models.vae.norm_groups=4",
+            "-S", "train.batch_size=8", "-S", "train.workers=1", "-S", "train.max_steps=2", "-S", "train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def jobs(ray_head, tmp_path_factory):
+    """Tiny shards prepared by a job; then a tiny `train vae`, a tiny `tune vae` (2 trials at once)
+    and a job that fails, submitted at once and waited for, each with its own tracking store and
+    Ray storage."""
+    address, env = ray_head
+    root = tmp_path_factory.mktemp("jobs")
+    write_sample(root / "sample", n=40, seed=1)
+    prepared = genflow(env, "submit", "--address", address, "--", "data", "prepare", "--source", str(root / "sample"),
+                       "--out", str(root / "shards"), "-S", "data.processes=1")
+    assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
+    assert "28 train, 12 test" in prepared.stdout
+
+    def places(name: str, shards: Path = root / "shards") -> list[str]:
+        return ["-S", f"data.shards={shards}", "-S", f"train.storage_path={root / name}",
+                "-S", f"tracking.uri=sqlite:///{root / name}.db"]
+
+    commands = {
+        "train": ["train", "vae", *TINY_RUN, *places("train")],
+        "tune": ["tune", "vae", "--trials", "2", *TINY_RUN, *places("tune"), "-S", "tune.vae.max_concurrent=2",
+                 "-S", "tune.vae.cpus_per_worker=0.5", "-S", "tune.vae.grace_period=2"],
+        # Fine here, but the cluster has no such folder: the job itself fails.
+        "fails": ["train", "vae", *TINY_RUN, *places("fails", shards=root / "not-on-the-cluster")],
+    }
+    running = {name: genflow(env, "submit", "--address", address, "--", *command, background=True)
+               for name, command in commands.items()}
+    done = {}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=600)
+        done[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return root, done
+
+
+def mlflow_runs(store: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 @pytest.mark.slow
-def test_failed_job_raises_with_its_id_and_status(ray_head, capsys):
-    with pytest.raises(SubmitError, match=r"job raysubmit_\w+ FAILED.*\n  logs: ray job logs raysubmit_\w+ --address"):
-        submit(ray_head, ["train", "no-such-family"], working_dir=str(PROJECT))
-    assert "invalid choice: 'no-such-family'" in capsys.readouterr().out
+def test_a_submitted_train_succeeds_streams_its_log_and_records_its_run(jobs):
+    root, done = jobs
+    train = done["train"]
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    job_id = job_id_of(train.stdout)
+    assert "vae trained to step 2" in train.stdout  # the job's own output, streamed back
+    assert f"job {job_id} SUCCEEDED" in train.stdout
+    [run] = mlflow_runs(root / "train.db")
+    assert run.info.status == "FINISHED" and run.data.tags["genflow.family"] == "vae"
+    assert run.data.metrics["final/step"] == 2
+    assert any((root / "train").rglob("checkpoint_*"))
 
 
 @pytest.mark.slow
-def test_no_wait_returns_once_submitted(ray_head, capsys):
-    from ray.job_submission import JobSubmissionClient
+def test_a_submitted_tune_succeeds_with_a_parent_run_and_a_run_per_trial(jobs):
+    root, done = jobs
+    tune = done["tune"]
+    assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
+    assert "2 trials: 2 completed" in tune.stdout
+    runs = mlflow_runs(root / "tune.db")
+    [parent] = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(trials) == 2 == len(runs) - 1
+    # The trials' workers found their cluster by the address the job's driver gave them, not by
+    # looking among the machine's Rays (the test session's own is one): Train's placement-group
+    # cleaner then works.
+    assert "Found multiple active Ray instances" not in tune.stdout + tune.stderr
 
-    job_id = submit(ray_head, ["--help"], wait=False, working_dir=str(PROJECT))
-    assert f"submitted {job_id}: genflow --help" in capsys.readouterr().out
-    assert JobSubmissionClient(ray_head).get_job_info(job_id).entrypoint == "genflow --help"
+
+@pytest.mark.slow
+def test_a_failed_job_exits_non_zero_with_its_error(ray_head, jobs):
+    address, _ = ray_head
+    root, done = jobs
+    fails = done["fails"]
+    assert fails.returncode == 2
+    job_id = job_id_of(fails.stdout)
+    # The job's error, at the end of the message (as well as in the streamed log).
+    message = fails.stderr[fails.stderr.index(f"genflow: error: job {job_id} FAILED"):]
+    assert "exit code 2\n  the end of its log:\n" in message
+    assert f"genflow: error: {root / 'not-on-the-cluster'}: no such shard folder" in message
+    assert message.rstrip().endswith(f"the whole log: ray job logs {job_id} --address {address}")
+
+
+@pytest.mark.slow
+def test_list_shows_the_jobs_and_stop_stops_a_running_one(ray_head, jobs, tmp_path):
+    address, env = ray_head
+    # A job that runs until it is stopped: a sample far larger than the test waits for.
+    submitted = genflow(env, "submit", "--address", address, "--no-wait", "--", "data", "synth", str(tmp_path / "big"),
+                        "--n", "200000")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = job_id_of(submitted.stdout)
+    # Waited for through the Jobs REST API (a `genflow` per look would cost seconds each).
+    bearer = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+    deadline = time.monotonic() + 120
+    while (status := requests.get(f"{address}/api/jobs/{job_id}", headers=bearer, timeout=10).json()["status"]) != "RUNNING":
+        assert status == "PENDING" and time.monotonic() < deadline, status
+        time.sleep(0.5)
+    listed = genflow(env, "submit", "--address", address, "--list").stdout
+    assert re.search(rf"^{job_id}\s+RUNNING\s.*  genflow data synth ", listed, re.MULTILINE), listed
+    done = jobs[1]
+    for name, status, command in (("train", "SUCCEEDED", "train"), ("tune", "SUCCEEDED", "tune"), ("fails", "FAILED", "train")):
+        assert re.search(rf"^{job_id_of(done[name].stdout)}\s+{status}\s.*  genflow {command} vae ", listed, re.MULTILINE), listed
+
+    stopped = genflow(env, "submit", "--address", address, "--stop", job_id)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"job {job_id} STOPPED", stopped.stdout + stopped.stderr
+    again = genflow(env, "submit", "--address", address, "--stop", job_id)
+    assert again.stdout.strip() == f"job {job_id} already ended (STOPPED); nothing to stop"
+    unknown = genflow(env, "submit", "--address", address, "--stop", "raysubmit_nope")
+    assert unknown.returncode == 2 and f"no job raysubmit_nope on the Ray cluster at {address}" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_a_wrong_or_missing_token_is_a_clear_error(ray_head):
+    address, env = ray_head
+    wrong = genflow({**env, "RAY_AUTH_TOKEN": "wrong"}, "submit", "--address", address, "--list")
+    assert wrong.returncode == 2 and "refused the authentication token this machine gave it" in wrong.stderr
+    missing = genflow({k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"HOME": "/nonexistent"},
+                      "submit", "--address", address, "--list")
+    assert missing.returncode == 2 and "requires its authentication token: set RAY_AUTH_MODE=token" in missing.stderr

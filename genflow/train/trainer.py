@@ -54,14 +54,19 @@ def ensure_ray(ray_params: RayParams) -> None:
         return
     address = ray_params.address or os.environ.get("RAY_ADDRESS") or None
     env = dict(TELEMETRY_OFF)
+    # Every worker is told where its cluster is. Ray's state API, which Train V2's placement-group
+    # cleaner calls from a worker, otherwise looks for the cluster among the machine's processes
+    # and fails when another Ray runs there: the placement group of a trial that Tune stops
+    # (ASHA, Ctrl+C) is then never released.
     if address is None:
-        # A local Ray: fix its GCS port and tell every worker where it is. Ray's state API, which
-        # Train V2's placement-group cleaner calls from a worker, otherwise looks for the cluster
-        # among the machine's processes and fails when another local Ray runs there: the placement
-        # group of a trial that Tune stops (ASHA, Ctrl+C) is then never released.
+        # A local Ray: its GCS port is fixed here, so that it is known before it starts.
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    elif "://" not in address and address != "auto":
+        # A GCS address HOST:PORT, as Ray's job supervisor sets RAY_ADDRESS for a submitted job.
+        env["RAY_ADDRESS"] = address
+    env = without_job_env_vars(env)
     # ray.init installs a SIGTERM handler of its own (sys.exit); genflow's (a SIGTERM is a Ctrl+C:
     # the run is marked KILLED and resumable) must stay in force for the rest of the command.
     users_sigterm = signal.getsignal(signal.SIGTERM)
@@ -75,6 +80,21 @@ def ensure_ray(ray_params: RayParams) -> None:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, users_sigterm)
+
+
+def without_job_env_vars(env: dict[str, str]) -> dict[str, str]:
+    """`env` less the keys that the Ray job this driver runs in sets already (`genflow submit`
+    sets the telemetry switches in the job's runtime_env); all of `env` outside a job.
+
+    Ray merges a job's runtime_env with its driver's ray.init(runtime_env=...) and refuses the
+    job when both set the same env var key, even to the same value ("Failed to merge the Job's
+    runtime env"); the job's value reaches every worker of the job already.
+    """
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # set by Ray's job supervisor
+
+    job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    set_by_job = ((job_config.get("runtime_env") or {}).get("env_vars") or {}).keys()
+    return {name: value for name, value in env.items() if name not in set_by_job}
 
 
 def _free_port() -> int:

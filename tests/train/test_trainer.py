@@ -218,3 +218,22 @@ def test_resume_mid_epoch_after_a_crash_is_bit_exact(ray_local, tiny_params, sha
     a, b = final_weights(straight), final_weights(crashed)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_a_driver_inside_a_ray_job_leaves_the_jobs_env_vars_to_the_job(monkeypatch):
+    # Ray refuses a job whose driver's ray.init(runtime_env=...) sets an env var the job's runtime_env
+    # sets too ("Failed to merge the Job's runtime env"); `genflow submit` sets the telemetry switches.
+    import json
+
+    from genflow._telemetry import TELEMETRY_OFF
+    from genflow.train.trainer import without_job_env_vars
+
+    env = {**TELEMETRY_OFF, "RAY_ADDRESS": "10.0.0.1:6379"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert without_job_env_vars(env) == env  # not in a job: every worker needs them all
+    job_env = {"DO_NOT_TRACK": "true", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x.zip",
+                                                                                  "env_vars": job_env}}))
+    assert without_job_env_vars(env) == {k: v for k, v in env.items() if k != "DO_NOT_TRACK"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # a job without env vars
+    assert without_job_env_vars(env) == env
