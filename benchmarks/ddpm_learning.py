@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from genflow.models import families  # noqa: F401 (registers the family configs load_params validates)
 from genflow.config import load_params
 from genflow.data.loader import eval_loader, train_loader
 from genflow.images import save_grid

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
+from genflow.models import families  # noqa: F401 (registers the family configs load_params validates)
 from genflow.config import load_params
 from genflow.models.ebm import EBM
 from genflow.models.pixelcnn import PixelCNN

@@ -76,6 +76,9 @@ class TrainParams(StrictModel):
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 turns clipping off")
     checkpoint_every: int = Field(100, ge=1)
     validation_batches: int = Field(2, ge=0, description="validation batches scored at each checkpoint (val/*); 0 = none")
+    validation_fd: bool = Field(False, description="also val/fd_effnet at each checkpoint: the validation images against as "
+                                "many samples (few images: biased, comparable between runs of one size; on by itself "
+                                "in a search whose metric it is)")
     log_every: int = Field(10, ge=1)
     grid_every: int = Field(0, ge=0, description="steps between sample grids; 0 = only at the end")
     grid_size: int = Field(16, ge=1, description="images in a sample grid")

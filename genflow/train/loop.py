@@ -201,6 +201,7 @@ class RankRun:
     batches_per_epoch: int
     device: torch.device
     autocast: ContextManager
+    channels_last: bool  # the model's and the batches' memory format (bf16 on a GPU)
 
 
 def train_worker(config: WorkerConfig) -> None:
@@ -218,7 +219,7 @@ def train_worker(config: WorkerConfig) -> None:
         window_start, window_steps, rank0_seconds = time.perf_counter(), 0, 0.0
         while run.step < train.max_steps:
             _, (images, attrs) = next(run.batches)
-            batch = to_device(images, attrs, run.device)
+            batch = to_device(images, attrs, run.device, run.channels_last)
             # The learning rates this step trains with (the schedules move on inside the step).
             step_lrs = {name: scheduler.get_last_lr()[0] for name, scheduler in run.optimization.schedulers.items()}
             result = optimisation_step(run.forward, run.model, run.optimization, batch, run.step,
@@ -270,8 +271,10 @@ def setup(config: WorkerConfig, rank: int, world_size: int) -> RankRun:
     on_gpu = device.type == "cuda"
     torch.manual_seed(train.seed)  # the same initial weights on every rank, before `initialize`
     model = config.model_class(config.model_config).to(device)
-    if on_gpu:
-        # NHWC convolutions are what tensor cores are fast at.
+    # NHWC is what bf16 tensor-core convolutions want; in fp32 the default layout measured faster
+    # (README, "On one GPU"), so train.bf16 = false on a GPU is plain fp32.
+    channels_last = on_gpu and train.bf16
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     seed_everything(derived_seed(train.seed, rank))  # each rank its own noise
     make_source = config.batch_source or ShardBatches(config.shards, train)
@@ -288,7 +291,7 @@ def setup(config: WorkerConfig, rank: int, world_size: int) -> RankRun:
     else:
         step, batches = 0, batches_from(source, 0)
         first = next(batches)
-        model.initialize(gather_batch(to_device(*first[1], device)))
+        model.initialize(gather_batch(to_device(*first[1], device, channels_last)))
         batches = itertools.chain([first], batches)
         optimization = Optimization.build(model, train)
     # DDP when world_size > 1 (gloo on CPU, NCCL on GPU); it broadcasts rank 0's weights.
@@ -302,12 +305,13 @@ def setup(config: WorkerConfig, rank: int, world_size: int) -> RankRun:
         batches_per_epoch=source.batches_per_epoch,
         device=device,
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and train.bf16 else contextlib.nullcontext(),
+        channels_last=channels_last,
     )
 
 
-def to_device(images: torch.Tensor, attrs: torch.Tensor, device: torch.device) -> Batch:
+def to_device(images: torch.Tensor, attrs: torch.Tensor, device: torch.device, channels_last: bool = False) -> Batch:
     images = images.to(device, non_blocking=True)
-    if device.type == "cuda":
+    if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return Batch(images, attrs.to(device, non_blocking=True))
 
@@ -324,6 +328,8 @@ def checkpoint(config: WorkerConfig, run: RankRun, rank: int, world_size: int, h
     family's monitored loss and the validation metrics.
     """
     validation = validation_metrics(run.model, held_out, run.device, config.train.seed, rank, world_size)
+    if config.train.validation_fd:
+        validation.update(validation_fd(run.model, held_out, run.device, config.train.seed, rank, world_size))
     if logger:
         if validation:
             logger.log_metrics(validation, run.step)
@@ -382,6 +388,63 @@ def validation_metrics(model: GenerativeModel, batches: list, device: torch.devi
         dist.all_gather_object(every_rank, totals)
         totals = {name: sum(t.get(name, 0.0) for t in every_rank) for name in set().union(*every_rank)}
     return {f"val/{name}": total / len(batches) for name, total in sorted(totals.items())}
+
+
+@torch.no_grad()
+def validation_fd(model: GenerativeModel, batches: list, device: torch.device, seed: int,
+                  rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """val/fd_effnet: the Fréchet distance between the validation images and as many samples
+    (conditional families: given each image's attributes), on the evaluation's default features
+    (EfficientNet-Lite0, genflow/eval). What a search over sample quality compares: a VAE's ELBO
+    alone always prefers the smallest KL weight on offer.
+
+    With a few batches' worth of images (fewer than the 1280 feature dimensions) the estimate is
+    biased upwards; it ranks runs scored on the same number of images, and is not the figure
+    `evaluate` reports on evaluate.samples images. Shared by the ranks as validation_metrics is;
+    batch i's samples come from (seed, i), so the result does not depend on the number of ranks.
+    """
+    from genflow.eval.distances import FeatureStats, frechet_distance
+
+    if len(batches) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    real, fake = [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # Inside the fork: building the network draws its initial weights from the global RNG
+        # before the ImageNet weights replace them.
+        extractor = _fd_extractor(device)
+        for i in range(rank, len(batches), world_size):
+            images, attrs = batches[i]
+            torch.manual_seed(derived_seed(seed, i, 1))  # for a family that draws outside its generator
+            generator = torch.Generator(device).manual_seed(derived_seed(seed, i, 1))
+            cond = attrs.to(device) if model.conditional else None
+            real.append(extractor(model.to_uint8(images)))
+            fake.append(extractor(model.sample(len(images), cond=cond, generator=generator)))
+    model.train(was_training)
+    if distributed():
+        gathered: list[tuple[list, list]] = [([], []) for _ in range(world_size)]
+        dist.all_gather_object(gathered, (real, fake))
+        real = [f for r, _ in gathered for f in r]
+        fake = [f for _, g in gathered for f in g]
+    stats = []
+    for features in (real, fake):
+        moments = FeatureStats(extractor.dim, keep=0)
+        moments.update(torch.cat(features))
+        stats.append(moments)
+    return {"val/fd_effnet": frechet_distance(stats[0].mu, stats[0].sigma, stats[1].mu, stats[1].sigma)}
+
+
+_EXTRACTORS: dict[str, Any] = {}
+
+
+def _fd_extractor(device: torch.device):
+    """The EfficientNet once per process and device (loading it costs more than one scoring)."""
+    from genflow.eval.features import load_extractor
+
+    if str(device) not in _EXTRACTORS:
+        _EXTRACTORS[str(device)] = load_extractor("imagenet", None, device)
+    return _EXTRACTORS[str(device)]
 
 
 def log_grids(logger: RankZeroLogger, model: GenerativeModel, batch: Batch, step: int, train: TrainParams) -> None:

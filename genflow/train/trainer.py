@@ -84,10 +84,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def train(family: str, params: Params, batch_source: BatchSource | None = None, dataset_digest: str | None = None) -> TrainResult:
+def train(family: str, params: Params, batch_source: BatchSource | None = None, dataset_digest: str | None = None,
+          validation_source: BatchSource | None = None) -> TrainResult:
     """Train `family` with Ray Train, tracked in one MLflow run; returns where the result is.
 
-    batch_source replaces the shards (benchmarks, tests); dataset_digest then names its data.
+    batch_source replaces the shards (benchmarks, tests); dataset_digest then names its data;
+    validation_source, the held-out batches scored at checkpoints (none with a batch_source alone).
     """
     params.family_config(family)  # bad hyperparameters fail here, before Ray starts
     shards = Path(params.data.shards).resolve()
@@ -128,7 +130,8 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
         try:
             ensure_ray(params.ray)
             trainer = torch_trainer(family, params, name=name, storage=storage, tracking_uri=tracking_uri,
-                                    mlflow_run_id=run.info.run_id, batch_source=batch_source, callbacks=[ledger])
+                                    mlflow_run_id=run.info.run_id, batch_source=batch_source,
+                                    validation_source=validation_source, callbacks=[ledger])
             result = fit_stoppably(trainer)
         except KeyboardInterrupt:  # Ctrl+C or SIGTERM: the checkpoints Ray registered are kept
             mlflow.end_run(status="KILLED")

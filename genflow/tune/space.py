@@ -32,7 +32,7 @@ from genflow.models.families import FAMILY_NAMES, get_family
 
 # Keys a trial may not draw: the budget (ASHA's max_t) and the trial's resources are the search's.
 # Trials train with the final run's train.workers, batch size and loader workers (trial_base).
-RESERVED_KEYS = ("train.max_steps", "train.workers", "train.cpus_per_worker", "train.gpu")
+RESERVED_KEYS = ("train.max_steps", "train.workers", "train.cpus_per_worker", "train.gpu", "train.validation_fd")
 
 
 class Distribution(StrictModel):
@@ -213,8 +213,8 @@ def check_space(params: Params, family: str, settings: SearchSettings) -> None:
         where = f"tune.{family}.space.{key}"
         if key in RESERVED_KEYS:
             raise ParamsError(f"{where}: {key} is set by the search itself (train.max_steps is ASHA's budget; trials "
-                              f"train with the final run's train.workers and reserve tune.{family}.cpus_per_worker each), "
-                              "not drawn")
+                              f"train with the final run's train.workers and reserve tune.{family}.cpus_per_worker each; "
+                              "train.validation_fd follows the metric), not drawn")
         if key.startswith("models.") and not key.startswith(f"models.{family}."):
             raise ParamsError(f"{where}: a {family} search draws models.{family}.* keys, not {key}")
         if key not in keys:
@@ -245,6 +245,9 @@ def _field_errors(base: dict[str, Any], family: str, key: str, value: Any) -> li
     return []
 
 
+VALIDATION_FD = "val/fd_effnet"  # the loop's validation_fd: trials of a search on it compute it
+
+
 def trial_base(params: Params, family: str, settings: SearchSettings) -> dict[str, Any]:
     """The params every trial starts from, as plain data: the family's full config spelled out
     (so that every model key is a leaf a space may name), and the final run's training conditions
@@ -257,6 +260,8 @@ def trial_base(params: Params, family: str, settings: SearchSettings) -> dict[st
     # Trials run in their own working directory: paths must not be relative.
     base["data"]["shards"] = str(Path(params.data.shards).resolve())
     base["train"].update(cpus_per_worker=settings.cpus_per_worker, run_name="")
+    if settings.metric == VALIDATION_FD:
+        base["train"]["validation_fd"] = True  # the objective is scored at every checkpoint
     return base
 
 

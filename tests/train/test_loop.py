@@ -1,5 +1,5 @@
 """The worker loop's pieces that need no Ray: LR schedule, resume position, batch sources, short
-batches, the loader's RNG, and the collective non-finite stop on 2 gloo ranks."""
+batches, the loader's RNG, the collective non-finite stop on 2 gloo ranks, and val/fd_effnet."""
 
 import datetime
 import itertools
@@ -8,15 +8,21 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from genflow.config import TrainParams
+from genflow.eval.features import load_extractor
 from genflow.models.protocol import Batch, GenerativeModel
-from genflow.train.loop import InMemoryBatches, ShardBatches, batches_from
+from genflow.models.vae import VAE
+from genflow.train import loop
+from genflow.train.loop import InMemoryBatches, ShardBatches, batches_from, derived_seed, validation_fd
 from genflow.train.step import Optimization, gather_batch, lr_lambda, optimisation_step
+from tests.models.tiny import TINY_CONFIGS
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -136,8 +142,9 @@ def _two_ranks(rank, store, out):
     # A further collective: had the ranks decided apart, one would be waiting here for the other.
     dist.barrier()
     gathered = gather_batch(Batch(torch.full((2, 1), float(rank)), torch.full((2, 40), float(rank))))
+    fd = validation_fd(tiny_vae(), validation_images(), torch.device("cpu"), seed=0, rank=rank, world_size=2)
     Path(out, f"rank{rank}.json").write_text(json.dumps({
-        "finite": finite, "weight": model.weight.item(),
+        "finite": finite, "weight": model.weight.item(), "fd": fd,
         "gathered": gathered.images.flatten().tolist(), "gathered_attrs": gathered.attrs[:, 0].tolist(),
     }))
     dist.destroy_process_group()
@@ -149,10 +156,11 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two-ranks")
     context = mp.start_processes(_two_ranks, args=(str(folder / "store"), str(folder)), nprocs=2,
                                  join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
+    # Generous: each rank also loads EfficientNet and scores val/fd_effnet (a minute on a loaded CPU).
+    deadline = time.monotonic() + 400
     try:
         while not context.join(timeout=2):
-            assert time.monotonic() < deadline, "a rank hung: the non-finite decision was not collective"
+            assert time.monotonic() < deadline, "a rank hung: a collective (the non-finite decision, the FD's gather) was not"
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -168,3 +176,47 @@ def test_non_finite_loss_on_one_rank_only_stops_every_rank_at_the_same_step(two_
 def test_every_rank_initialises_on_the_same_gathered_batch(two_ranks):
     for rank in two_ranks:
         assert rank["gathered"] == [0.0, 0.0, 1.0, 1.0] and rank["gathered_attrs"] == [0.0, 0.0, 1.0, 1.0]
+
+
+# --- val/fd_effnet ---------------------------------------------------------------------------------
+
+
+def tiny_vae() -> VAE:
+    torch.manual_seed(0)
+    return VAE(VAE.config_class(**TINY_CONFIGS["vae"]))
+
+
+def validation_images() -> list:
+    """Three held-out batches (an odd count: 2 ranks share them unevenly), pixels k/255."""
+    generator = torch.Generator().manual_seed(5)
+    return [(torch.randint(0, 256, (4, 3, 64, 64), generator=generator).float() / 255, torch.zeros(4, 40)) for _ in range(3)]
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # sqrtm of a rank-deficient product: the reference
+def test_validation_fd_is_the_frechet_distance_of_the_validation_images_and_as_many_samples(monkeypatch):
+    model = tiny_vae()
+    batches = validation_images()
+    monkeypatch.setattr(loop, "_EXTRACTORS", {})  # the first scoring in a process also builds the network
+    before = torch.get_rng_state()
+    got = validation_fd(model, batches, torch.device("cpu"), seed=0)["val/fd_effnet"]
+    # Forked off training's random stream, network building included: a run scored at its
+    # checkpoints trains as one that is not (a search's trials as the final run).
+    assert torch.equal(torch.get_rng_state(), before)
+
+    extractor = load_extractor("imagenet", None, "cpu")
+    real = torch.cat([extractor(model.to_uint8(images)) for images, _ in batches]).double().numpy()
+    fake = torch.cat([extractor(model.sample(len(images), generator=torch.Generator().manual_seed(derived_seed(0, i, 1))))
+                      for i, (images, _) in enumerate(batches)]).double().numpy()
+    # Heusel et al. 2017, Eq. 6, the way pytorch-fid computes it (np.cov, scipy's sqrtm).
+    mu1, mu2, s1, s2 = real.mean(0), fake.mean(0), np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root)
+    assert got == pytest.approx(expected, rel=1e-3)
+    assert got > 0
+    assert model.training  # left as it was found
+
+
+def test_validation_fd_does_not_depend_on_the_number_of_ranks(two_ranks):
+    alone = validation_fd(tiny_vae(), validation_images(), torch.device("cpu"), seed=0)
+    assert two_ranks[0]["fd"] == two_ranks[1]["fd"]
+    assert two_ranks[0]["fd"]["val/fd_effnet"] == pytest.approx(alone["val/fd_effnet"], rel=1e-4)  # other processes: float32 sums in another order

@@ -204,11 +204,17 @@ def test_resume_mid_epoch_after_a_crash_is_bit_exact(ray_local, tiny_params, sha
               "train.loader_workers=1", "train.max_failures=1"]
     straight = train("vae", tiny_params(*common, "train.run_name=straight"),
                      batch_source=ShardBatches(str(shards), tiny_params(*common).train), dataset_digest="exact")
-    crashed = train("vae", tiny_params(*common, "train.run_name=crashed"),
+    # The crashed run also scores its checkpoints (val/* and val/fd_effnet, whose network is built
+    # again in the resumed workers): scoring is forked off training's random stream, so the
+    # weights must still equal those of the run that scored nothing.
+    scored = tiny_params(*common, "train.run_name=crashed", "train.validation_fd=true", "train.validation_batches=1")
+    crashed = train("vae", scored,
                     batch_source=CrashOnce(shards, tiny_params(*common).train, 1, 3, tmp_path / "crashed"),
-                    dataset_digest="exact")
+                    dataset_digest="exact", validation_source=InMemoryBatches(*data(8, seed=3), 4))
     assert (tmp_path / "crashed").exists()
     assert start_steps(crashed.mlflow_run_id) == [0, 10]
+    fd = mlflow.MlflowClient().get_metric_history(crashed.mlflow_run_id, "val/fd_effnet")
+    assert [m.step for m in fd] == [5, 10, 14] and all(m.value > 0 for m in fd)
     a, b = final_weights(straight), final_weights(crashed)
     for name in a:
         assert torch.equal(a[name], b[name]), name

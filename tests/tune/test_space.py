@@ -116,6 +116,17 @@ def test_trials_train_under_the_final_runs_conditions(tmp_path):
     assert trial.train.cpus_per_worker == 0.5  # the one difference: how many trials fit at once
 
 
+@pytest.mark.parametrize("metric, scored", [("val/fd_effnet", True), ("val/bits_per_dim", False)])
+def test_a_search_on_val_fd_effnet_has_its_trials_score_it(metric, scored, tmp_path):
+    # Issue 12 #3: the VAE's search selects on sample quality; the loop computes val/fd_effnet only
+    # where train.validation_fd asks (it costs a sampling and two feature passes per checkpoint).
+    params = params_with(SCHEDULE_SPACE, tmp_path, metric=metric)
+    trial = trial_params(trial_base(params, "vae", search_settings(params, "vae")), "vae", {})
+    assert trial.train.validation_fd is scored
+    # Scoring does not change the trained model: the trial is still the final run's identity.
+    assert run_identity("vae", trial, "d") == run_identity("vae", params, "d")
+
+
 def fake_result(tmp_path) -> SearchResult:
     settings = search_settings(params_with(SCHEDULE_SPACE, tmp_path), "vae")
     rows = [
