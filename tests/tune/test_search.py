@@ -237,3 +237,17 @@ def test_an_interrupted_search_resumes_where_it_stopped(ray_local, tmp_path):
     for child in children:
         starts = [int(m.value) for m in client.get_metric_history(child.info.run_id, "train/start_step")]
         assert starts[0] == 0 and all(s > 0 and s % 5 == 0 for s in starts[1:]), starts
+
+
+def test_trial_runs_carry_the_drivers_provenance(tmp_path):
+    # Ray workers create the trial runs, away from the project's git and DVC's environment: the
+    # driver's tags travel with SearchRuns.
+    from genflow.tune.search import SearchRuns
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("celeba64")
+    parent = client.create_run(experiment).info.run_id
+    provenance = {"mlflow.source.git.commit": "c" * 40, "genflow.dvc.experiment": "wispy-gulf"}
+    runs = SearchRuns(f"sqlite:///{tmp_path}/mlflow.db", experiment, parent, "vae", "tune-vae-x", provenance)
+    tags = runs.trial_run("trial_1", {"train.lr": 0.001}).data.tags
+    assert {key: tags[key] for key in provenance} == provenance and tags[PARENT_TAG] == parent
