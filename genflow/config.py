@@ -42,7 +42,9 @@ class SampleParams(StrictModel):
 
 
 class DataParams(StrictModel):
-    # "sample" (the synth stage's output) or the path of a CelebA folder or zip.
+    # "sample" (the synth stage's output, wherever sample.dir puts it) or the path of a CelebA
+    # folder or zip. A path equal to sample.dir is the sample too: params.yaml names it so, as
+    # data/sample, because dvc.yaml makes data.source a path dependency of prepare (DVC hashes it).
     source: str = "sample"
     sample: SampleParams = SampleParams()
     shards: str = "data/shards"
@@ -55,10 +57,10 @@ class DataParams(StrictModel):
     processes: int = Field(0, ge=0, description="prepare's processes; 0 = one per core")
 
     def source_path(self) -> Path:
-        return Path(self.sample.dir if self.is_sample() else self.source)
+        return Path(self.sample.dir if self.source == "sample" else self.source)
 
     def is_sample(self) -> bool:
-        return self.source == "sample"
+        return self.source == "sample" or Path(self.source).resolve() == Path(self.sample.dir).resolve()
 
 
 class TrainParams(StrictModel):

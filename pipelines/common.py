@@ -1,4 +1,7 @@
-"""What every DVC stage entry point shares: the params DVC tracks, and writing its outputs."""
+"""What every DVC stage entry point shares: the params DVC tracks, and writing its outputs.
+
+Light on purpose: every stage imports it, so whatever it imports is code every stage depends on
+(dvc.yaml; pipelines/family.py holds what only the family stages need)."""
 
 from __future__ import annotations
 
@@ -7,21 +10,14 @@ import json
 import genflow  # noqa: F401  (telemetry off)
 from genflow.atomic import write_atomically
 from genflow.config import Params, load_params
+from genflow.provenance import anchor_stores
 
 
 def stage_params(overrides: list[str] | None = None) -> Params:
     """params.yaml as DVC sees it (DVC passes -S overrides by rewriting params.yaml), with
-    `overrides` on top (train@FAMILY: the winner of tune@FAMILY)."""
-    return load_params("params.yaml", overrides)
-
-
-def family_params(family: str) -> Params:
-    """The params of a family's train/evaluate/register stages: params.yaml with the winner of
-    tune@FAMILY (tuned/FAMILY.yaml) on top, so that dvc repro trains, evaluates and registers
-    the final model with the tuned values (and all three find the same run)."""
-    from genflow.tune.report import load_tuned
-
-    return stage_params(load_tuned(family))
+    `overrides` on top (train@FAMILY: the winner of tune@FAMILY), and the stores DVC does not
+    track anchored to the project, also in `dvc exp run --temp` (genflow.provenance)."""
+    return anchor_stores(load_params("params.yaml", overrides))
 
 
 def write_json(path: str, content: dict) -> None:

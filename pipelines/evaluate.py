@@ -3,7 +3,8 @@
 import sys
 
 from genflow.eval.report import evaluate_family
-from pipelines.common import family_params, write_json
+from pipelines.common import write_json
+from pipelines.family import family_params
 
 if __name__ == "__main__":
     family = sys.argv[1]

@@ -7,6 +7,7 @@ attribute accuracy on the held-out test split, and logs both to an MLflow run na
 import mlflow
 
 from genflow.eval.featurizer import train_featurizer
+from genflow.provenance import provenance_tags
 from genflow.track import mlflow as tracking
 from pipelines.common import stage_params, write_json
 
@@ -16,7 +17,8 @@ def main() -> None:
     config = params.evaluate.featurizer
     scores = train_featurizer(params.data.shards, config)
     experiment_id = tracking.configure(params.tracking)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="featurizer", tags={"genflow.role": "featurizer"}):
+    with mlflow.start_run(experiment_id=experiment_id, run_name="featurizer",
+                          tags={"genflow.role": "featurizer", **provenance_tags()}):
         mlflow.log_params({f"evaluate.featurizer.{k}": v for k, v in config.model_dump().items()})
         mlflow.log_metrics({k.replace("accuracy/", "accuracy_"): float(v) for k, v in scores.items()})
         mlflow.log_artifact(config.path, artifact_path="featurizer")

@@ -11,7 +11,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from genflow.train.trainer import train
-from pipelines.common import family_params, write_json
+from pipelines.common import write_json
+from pipelines.family import family_params
 
 
 def write_curves(run_id: str, path: Path) -> None:

@@ -15,8 +15,13 @@ from genflow.models.families import FAMILY_NAMES
 def test_params_yaml_repeats_the_embedded_defaults(tmp_path):
     shipped = load_params("params.yaml")
     embedded = load_params(tmp_path / "missing.yaml")
-    for section in ("data", "train", "tracking", "ray", "evaluate"):
+    for section in ("train", "tracking", "ray", "evaluate"):
         assert getattr(shipped, section) == getattr(embedded, section), section
+    # The sample by its path in params.yaml (prepare's DVC dependency), by name embedded: the same folder.
+    assert shipped.data.model_dump(exclude={"source"}) == embedded.data.model_dump(exclude={"source"})
+    assert shipped.data.source == shipped.data.sample.dir and embedded.data.source == "sample"
+    assert shipped.data.is_sample() and embedded.data.is_sample()
+    assert shipped.data.source_path() == embedded.data.source_path()
     # A family's schedule lengths in params.yaml fit the short sample run; its class defaults
     # are the papers'. Everything else is the same.
     shipped_vae, embedded_vae = shipped.family_config("vae"), embedded.family_config("vae")

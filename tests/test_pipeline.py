@@ -89,3 +89,25 @@ def test_dvc_repro_runs_every_stage_and_registers_a_candidate(project):
 
     again = run(["dvc", "repro"], project)
     assert "Data and pipelines are up to date" in again
+
+    # Issue 13: what DVC records is what ran. The sample is prepare's hashed dependency; the MLflow
+    # runs name the commit and the stage; params that do not decide a result rerun nothing; and
+    # register, run again for the same training run, adds no version.
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert any(dep["path"] == "data/sample" and dep["md5"].endswith(".dir") for dep in lock["stages"]["prepare"]["deps"])
+    run_id = json.loads((project / "metrics/train/vae.json").read_text())["run_id"]
+    import mlflow
+
+    tags = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(run_id).data.tags
+    assert tags["genflow.dvc.stage"] == "train@vae"
+    assert tags["mlflow.source.git.commit"] == run(["git", "rev-parse", "HEAD"], project).strip()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(log_every=2, checkpoint_every=2, grid_size=4)
+    params["data"]["processes"] = 1
+    params["evaluate"]["stats_cache"] = "data/other_stats"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = run(["dvc", "status"], project)
+    assert all(f"{stage}:" not in status for stage in ("prepare", "train@vae", "evaluate@vae", "register@vae")), status
+    forced = run(["dvc", "repro", "--force", "--single-item", "register@vae"], project)
+    assert "already holds run" in forced
+    assert json.loads((project / "metrics/register/vae.json").read_text())["version"] == 1

@@ -251,12 +251,14 @@ def report(params: Params, out_dir: Path = REPORT_DIR, metrics_dir: Path = METRI
     """Collect, build, and log the report to an MLflow run named "report"."""
     import mlflow
 
+    from genflow.provenance import provenance_tags
     from genflow.track import mlflow as tracking
 
     results = collect(params, metrics_dir)
     written = build_report(results, out_dir, params.data.shards)
     experiment_id = tracking.configure(params.tracking)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={"genflow.role": "report"}):
+    with mlflow.start_run(experiment_id=experiment_id, run_name="report",
+                          tags={"genflow.role": "report", **provenance_tags()}):
         mlflow.log_artifacts(str(out_dir), artifact_path="report")
         for r in results:
             for key in ("fd_effnet", "recall_effnet", "precision_effnet", "sample_images_per_s"):

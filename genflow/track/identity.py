@@ -1,7 +1,9 @@
 """Run identity: what decides a trained model, the key that names it, and finding its run again.
 
 A training run's identity is everything that changes what it computes: the family and its
-config, the training params (the operational ones aside) and the data. Its digest, the run key,
+config, the training params (the operational ones aside), the data and the code (the digest of
+the modules that train the family: a changed model file trains afresh, where it would otherwise
+resume, and return, the run trained with the old code). Its digest, the run key,
 names the Ray run (`FAMILY-KEY`) and tags the MLflow run: the same params find, and resume, the
 same run; any changed param starts another. So `train.max_steps` is part of it (the cosine
 schedule ends at max_steps: a longer run is another curve, not a continuation), and so are
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from genflow.config import Params, ParamsError, flatten
+from genflow.config import Params, ParamsError, TrainParams, flatten
 from genflow.models import families  # noqa: F401  (registers the family configs that run_identity reads)
+from genflow.sources import PROJECT_ROOT, code_digest, imported_modules
 from genflow.track import mlflow as tracking
 
 # Params that change how a run is executed or watched, not what it computes: a run resumed
@@ -26,12 +30,30 @@ OPERATIONAL_KEYS = {"cpus_per_worker", "max_failures", "log_every", "checkpoint_
 
 IDENTITY_TAG = "genflow.run_identity"
 
+# The module whose import graph trains every family (the driver, the worker loop, the loader...).
+TRAINING_ENTRY = "genflow.train.trainer"
+
+
+def identity_train_keys() -> list[str]:
+    """The train.* params that decide a trained model (dvc.yaml's train stage lists exactly these)."""
+    return [key for key in TrainParams.model_fields if key not in OPERATIONAL_KEYS]
+
 
 def run_identity(family: str, params: Params, dataset_digest: str) -> dict[str, Any]:
     """What decides the trained model, as plain data (also recorded on the MLflow run)."""
-    train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
+    train = {k: v for k, v in params.train.model_dump(mode="json").items() if k in identity_train_keys()}
     return {"family": family, "model": params.family_config(family).model_dump(mode="json"), "train": train,
-            "data": dataset_digest}
+            "data": dataset_digest, "code": training_code(family)}
+
+
+@lru_cache(maxsize=None)
+def training_code(family: str, root: Path = PROJECT_ROOT) -> str:
+    """The digest (12 hex digits) of the code that trains `family`: the trainer's import graph and the
+    family's own model module with its imports, not the other families' modules that the family
+    table names (editing ddpm.py does not retrain the VAE)."""
+    model_module = families.get_family(family).__module__
+    modules = imported_modules(TRAINING_ENTRY, root, string_imports=False) | imported_modules(model_module, root)
+    return code_digest(modules, root)[:12]
 
 
 def identity_key(identity: dict[str, Any]) -> str:
@@ -62,7 +84,7 @@ def check_same_run(experiment_id: str, name: str, identity: dict[str, Any], run_
         return
     recorded = previous.data.tags.get(IDENTITY_TAG)
     changes = changed_keys(json.loads(recorded), identity) if recorded else ["(not recorded)"]
-    raise ParamsError(f"train.run_name={name!r} names a run trained with other params ({'; '.join(changes)}); "
+    raise ParamsError(f"train.run_name={name!r} names a run trained with other params or code ({'; '.join(changes)}); "
                      "resuming it would train the old checkpoint under the new params. Choose another "
                      f"train.run_name, leave it empty (the run is then named after its params), or remove {run_dir} "
                      "to start afresh")

@@ -16,6 +16,7 @@ two versions scored differently are not compared unless --force says so.
 from __future__ import annotations
 
 import getpass
+import sys
 from datetime import datetime, timezone
 
 import mlflow
@@ -42,7 +43,12 @@ def _primary(family: str) -> tuple[str, bool]:
 
 
 def register_family(family: str, params: Params):
-    """Register the family's evaluated run as a new version with alias `candidate`."""
+    """Register the family's evaluated run as a new version with alias `candidate`.
+
+    One version per training run: registering a run that a version already holds (`dvc repro`
+    after an operational param changed, or register run twice) makes no second version; that
+    version's test metrics, scoring and card are brought up to the run's latest evaluation, and
+    `candidate` moves to it."""
     run = finished_training_run(family, params)
     metric, lower_is_better = _primary(family)
     test_metrics = {k[len("test/"):]: v for k, v in run.data.metrics.items() if k.startswith("test/")}
@@ -58,14 +64,36 @@ def register_family(family: str, params: Params):
     scored_on = tracking.scoring_of(run.data.tags)
     if not scored_on:
         raise FileNotFoundError(f"run {run.info.run_id} does not record what it was scored on: run `genflow evaluate {family}` again")
-    version = mlflow.register_model(f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}", name,
-                                    tags={**{f"test.{k}": f"{v:.6g}" for k, v in test_metrics.items()},
-                                          **{tracking.SCORED_TAG_PREFIX + k: v for k, v in scored_on.items()}})
+    evaluation_tags = {**{f"test.{k}": f"{v:.6g}" for k, v in test_metrics.items()},
+                       **{tracking.SCORED_TAG_PREFIX + k: v for k, v in scored_on.items()}}
+    version = _version_of_run(client, name, run.info.run_id)
+    if version is None:
+        version = mlflow.register_model(f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}", name, tags=evaluation_tags)
+    else:
+        print(f"{name} version {version.version} already holds run {run.info.run_id}: no new version; its test "
+              "metrics and card are brought up to the run's latest evaluation", file=sys.stderr)
+        _replace_evaluation_tags(client, version, evaluation_tags)
     tracking.with_retries(lambda: client.set_model_version_tag(name, version.version, PRIMARY_METRIC_TAG,
                                                               f"{metric} ({'lower' if lower_is_better else 'higher'} is better)"))
     tracking.with_retries(lambda: client.update_model_version(name, version.version, description=model_card(family, run, test_metrics)))
     tracking.with_retries(lambda: client.set_registered_model_alias(name, "candidate", version.version))
     return version
+
+
+def _version_of_run(client: MlflowClient, name: str, run_id: str):
+    """The (first) version of `name` registered from run `run_id`, or None."""
+    versions = tracking.with_retries(lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _replace_evaluation_tags(client: MlflowClient, version, tags: dict[str, str]) -> None:
+    """Set the version's test.* and scoring tags to `tags`; drop those the new evaluation does not
+    report (another extractor's fd_*), so that no tag outlives the evaluation it came from."""
+    stale = [key for key in version.tags if key.startswith(("test.", tracking.SCORED_TAG_PREFIX)) and key not in tags]
+    for key in stale:
+        tracking.with_retries(lambda: client.delete_model_version_tag(version.name, version.version, key))
+    for key, value in tags.items():
+        tracking.with_retries(lambda: client.set_model_version_tag(version.name, version.version, key, value))
 
 
 def model_card(family: str, run, test_metrics: dict[str, float]) -> str:

@@ -29,6 +29,7 @@ from genflow._telemetry import TELEMETRY_OFF
 from genflow.config import Params, RayParams, flatten
 from genflow.models.families import get_family
 from genflow.models.saved import MODEL_FILE
+from genflow.provenance import provenance_tags
 from genflow.train.interrupt import CheckpointLedger, TrainingInterrupted, fit_stoppably, interrupted_message
 from genflow.train.loop import BatchSource, NonFiniteLossError, WorkerConfig, train_worker
 from genflow.track import mlflow as tracking
@@ -140,7 +141,8 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
         if not resuming:
             mlflow.set_tags({tracking.FAMILY_TAG: family, tracking.RUN_KEY_TAG: key, tracking.RAY_RUN_TAG: name,
                              IDENTITY_TAG: json.dumps(identity, sort_keys=True),
-                             "genflow.data_source": "sample" if params.data.is_sample() else "celeba"})
+                             "genflow.data_source": "sample" if params.data.is_sample() else "celeba",
+                             **provenance_tags()})
             mlflow.log_params(flatten({"model": params.family_config(family), "train": params.train, "data": params.data}))
             if batch_source is None:
                 log_dataset(shards, params, dataset_digest)

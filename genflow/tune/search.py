@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from genflow.config import Params, ParamsError, flatten
+from genflow.provenance import provenance_tags
 from genflow.train.loop import BatchSource, NonFiniteLossError
 from genflow.train.trainer import ensure_ray, torch_trainer
 from genflow.track import mlflow as tracking
@@ -83,6 +84,8 @@ class SearchRuns:
     parent_run_id: str
     family: str
     search: str
+    # The driver's provenance_tags, for the trial runs (which Ray workers create, elsewhere).
+    provenance: dict[str, str] = field(default_factory=dict)
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
@@ -98,7 +101,7 @@ class SearchRuns:
         if found:
             return found[0]
         tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, tracking.FAMILY_TAG: self.family,
-                OVERRIDES_TAG: " ".join(overrides(config))}
+                OVERRIDES_TAG: " ".join(overrides(config)), **self.provenance}
         return with_retries(lambda: client.create_run(self.experiment_id, run_name=f"{self.search}/{trial_id}",
                                                       tags=tags))
 
@@ -209,7 +212,7 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
 
     experiment_id = tracking.configure(params.tracking)
     parent_run_id = parent_run(experiment_id, family, name, params, settings)
-    runs = SearchRuns(mlflow.get_tracking_uri(), experiment_id, parent_run_id, family, name)
+    runs = SearchRuns(mlflow.get_tracking_uri(), experiment_id, parent_run_id, family, name, provenance_tags())
     client = runs.client()
     status = "FAILED"  # unless the search ends, or is interrupted
     try:
@@ -287,6 +290,8 @@ def search_name(family: str, params: Params, settings: SearchSettings, dataset_d
     content = {
         "run": run_key(family, params, dataset_digest),  # max_steps and the workers included
         "search": settings.model_dump(mode="json", exclude=OPERATIONAL_SETTINGS),
+        # Operational for one run, not for a search: trials report (and ASHA compares them) at checkpoints.
+        "reports_every": params.train.checkpoint_every,
     }
     return f"tune-{family}-{hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]}"
 
@@ -301,7 +306,8 @@ def parent_run(experiment_id: str, family: str, name: str, params: Params, setti
         with_retries(lambda: client.update_run(run_id, status="RUNNING"))
         return run_id
     run_id = with_retries(lambda: client.create_run(experiment_id, run_name=name,
-                                                    tags={SEARCH_TAG: name, tracking.FAMILY_TAG: family})).info.run_id
+                                                    tags={SEARCH_TAG: name, tracking.FAMILY_TAG: family,
+                                                          **provenance_tags()})).info.run_id
     logged = flatten({"tune": settings.model_dump(mode="json", exclude={"space", "points_to_evaluate"}),
                       "model": params.family_config(family), "train": params.train})
     _log_params(client, run_id, logged)

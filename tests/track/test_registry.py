@@ -1,5 +1,7 @@
 """Train -> evaluate -> register -> promote -> sample, on tiny shards and a real MLflow store."""
 
+import subprocess
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -63,6 +65,42 @@ def test_registered_version_carries_metrics_card_and_alias(registered):
     assert "candidate" in format_registry(params)
 
 
+def test_registering_the_same_run_again_adds_no_version_and_refreshes_its_evaluation(registered, capsys):
+    # Issue 13: `dvc repro` after an operational param changed ran register again, which added a
+    # second version of the same run. One version per training run.
+    params, _, first = registered
+    client = mlflow.MlflowClient()
+    psnr = client.get_model_version("celeba64-vae", "1").tags["test.reconstruction_psnr"]
+    client.set_model_version_tag("celeba64-vae", "1", "test.reconstruction_psnr", "-1")  # a re-evaluation's
+    client.set_model_version_tag("celeba64-vae", "1", "test.fd_other", "3")  # a measure it no longer reports
+    client.delete_registered_model_alias("celeba64-vae", "candidate")
+    again = register_family("vae", params)
+    assert str(again.version) == "1" and again.run_id == first.run_id
+    assert "version 1 already holds run" in capsys.readouterr().err
+    assert len(client.search_model_versions(f"name = 'celeba64-vae' and run_id = '{first.run_id}'")) == 1
+    stored = client.get_model_version("celeba64-vae", "1")
+    assert stored.tags["test.reconstruction_psnr"] == psnr and "test.fd_other" not in stored.tags
+    assert str(client.get_model_version_by_alias("celeba64-vae", "candidate").version) == "1"
+
+
+def test_the_training_run_records_the_git_commit(registered):
+    _, _, version = registered
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    tags = mlflow.MlflowClient().get_run(version.run_id).data.tags
+    if head.returncode == 0:
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip() and tags["genflow.git.dirty"] in ("true", "false")
+    else:  # tests run outside a git checkout: nothing is claimed
+        assert "mlflow.source.git.commit" not in tags
+
+
+def another_version(client) -> "mlflow.entities.model_registry.ModelVersion":
+    """A second version of the registered run, made with MLflow itself (genflow's register makes one
+    version per run), carrying version 1's tags: what the promotion gate compares."""
+    first = client.get_model_version("celeba64-vae", "1")
+    return mlflow.register_model(first.source, "celeba64-vae",
+                                 tags={k: v for k, v in first.tags.items() if k.startswith(("test.", "genflow.scored."))})
+
+
 def test_registered_pyfunc_loads_and_samples(registered):
     model = mlflow.pyfunc.load_model("models:/celeba64-vae@candidate")
     images = model.predict(pd.DataFrame({"n": [3], "seed": [0]}))
@@ -82,7 +120,7 @@ def test_promotion_gate_refuses_worse_forces_and_production_takes_only_the_curre
     assert staged.tags["genflow.promoted.staging.reason"] == "first model"
     assert staged.tags["genflow.promoted.staging.by"] and staged.tags["genflow.promoted.staging.at"]
 
-    worse = register_family("vae", params)
+    worse = another_version(client)
     value = float(client.get_model_version("celeba64-vae", "1").tags["test.reconstruction_psnr"]) - 1.0
     client.set_model_version_tag("celeba64-vae", str(worse.version), "test.reconstruction_psnr", str(value))
     with pytest.raises(PromotionRefused, match=r"worse than staging version 1"):
@@ -104,7 +142,7 @@ def test_promotion_refuses_versions_scored_differently_naming_the_field(register
     params, _, _ = registered
     client = mlflow.MlflowClient()
     staging = client.get_model_version_by_alias("celeba64-vae", "staging")
-    other = register_family("vae", params)
+    other = another_version(client)
     # Scored on other data, with a better metric: still not comparable.
     client.set_model_version_tag("celeba64-vae", str(other.version), "genflow.scored.dataset", "f" * 64)
     value = float(staging.tags["test.reconstruction_psnr"]) + 5.0

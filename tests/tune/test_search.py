@@ -100,10 +100,14 @@ def four_trials(ray_local, tmp_path_factory):
     prepare(params.data)
     start, cwd = time.perf_counter(), os.getcwd()
     os.chdir(root)
+    # As DVC runs the stage in an experiment: the trials' runs, which Ray workers create, carry it too.
+    os.environ.update(DVC_EXP_NAME="four-trials", DVC_EXP_BASELINE_REV="b" * 40)
     try:
         result = tune_stage("vae")
     finally:
         os.chdir(cwd)
+        for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+            os.environ.pop(name)
     print(f"\n4-trial search (DVC stage, real shards): {time.perf_counter() - start:.1f} s wall")
     return root, result
 
@@ -165,6 +169,9 @@ def test_one_parent_run_and_a_child_run_per_trial(four_trials):
         "tune/vae.csv", "tune/vae.png", "tune/vae.yaml"}
 
     assert len(children) == 4 and all(c.data.tags[PARENT_TAG] == result.mlflow_run_id for c in children)
+    for run in (parent, *children):  # issue 13: every run records the commit and the DVC experiment
+        assert run.data.tags["genflow.dvc.experiment"] == "four-trials"
+        assert run.data.tags["mlflow.source.git.commit"] == "b" * 40
     by_trial = {c.data.tags["genflow.tune.trial"]: c for c in children}
     for row in result.trials:
         child = by_trial[row["trial"]]
@@ -230,3 +237,17 @@ def test_an_interrupted_search_resumes_where_it_stopped(ray_local, tmp_path):
     for child in children:
         starts = [int(m.value) for m in client.get_metric_history(child.info.run_id, "train/start_step")]
         assert starts[0] == 0 and all(s > 0 and s % 5 == 0 for s in starts[1:]), starts
+
+
+def test_trial_runs_carry_the_drivers_provenance(tmp_path):
+    # Ray workers create the trial runs, away from the project's git and DVC's environment: the
+    # driver's tags travel with SearchRuns.
+    from genflow.tune.search import SearchRuns
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("celeba64")
+    parent = client.create_run(experiment).info.run_id
+    provenance = {"mlflow.source.git.commit": "c" * 40, "genflow.dvc.experiment": "wispy-gulf"}
+    runs = SearchRuns(f"sqlite:///{tmp_path}/mlflow.db", experiment, parent, "vae", "tune-vae-x", provenance)
+    tags = runs.trial_run("trial_1", {"train.lr": 0.001}).data.tags
+    assert {key: tags[key] for key in provenance} == provenance and tags[PARENT_TAG] == parent
