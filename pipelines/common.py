@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import genflow  # noqa: F401  (telemetry off)
 from genflow.atomic import write_atomically
 from genflow.config import Params, load_params
 
 
-def stage_params(overrides: list[str] | None = None) -> Params:
-    """params.yaml as DVC sees it (DVC passes -S overrides by rewriting params.yaml), with
-    `overrides` on top (train@FAMILY: the winner of tune@FAMILY)."""
-    return load_params("params.yaml", overrides)
+def stage_params() -> Params:
+    """params.yaml as DVC sees it (DVC passes -S overrides by rewriting params.yaml)."""
+    return load_params("params.yaml")
 
 
 def family_params(family: str) -> Params:
     """The params of a family's train/evaluate/register stages: params.yaml with the winner of
-    tune@FAMILY (tuned/FAMILY.yaml) on top, so that dvc repro trains, evaluates and registers
-    the final model with the tuned values (and all three find the same run)."""
-    from genflow.tune.report import load_tuned
+    tune@FAMILY (tuned/FAMILY.yaml) on top, by the rule every `genflow` family command follows
+    (genflow/tune/tuned.py), so that dvc repro and the CLI train, evaluate and register the same run."""
+    from genflow.tune.tuned import family_params as with_tuned
 
-    return stage_params(load_tuned(family))
+    params, tuned = with_tuned(family, "params.yaml")
+    if tuned is not None:
+        stage = f"{Path(sys.argv[0]).stem}@{family}"  # run as pipelines/STAGE.py
+        print(tuned.describe(stage, opt_out=f"a dependency of {stage} (dvc.yaml), written by tune@{family}"))
+    return params
 
 
 def write_json(path: str, content: dict) -> None:

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from genflow.config import TrainParams
 from genflow.models.protocol import Batch, GenerativeModel
-from genflow.train.loop import InMemoryBatches, ShardBatches, batches_from
+from genflow.train.loop import InMemoryBatches, ShardBatches, batches_from, progress_line
 from genflow.train.step import Optimization, gather_batch, lr_lambda, optimisation_step
 
 
@@ -168,3 +168,9 @@ def test_non_finite_loss_on_one_rank_only_stops_every_rank_at_the_same_step(two_
 def test_every_rank_initialises_on_the_same_gathered_batch(two_ranks):
     for rank in two_ranks:
         assert rank["gathered"] == [0.0, 0.0, 1.0, 1.0] and rank["gathered_attrs"] == [0.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("eta, shown", [(7.4, "ETA 7s"), (78, "ETA 1m18s"), (3 * 3600 + 125, "ETA 3h02m")])
+def test_the_progress_line_says_step_loss_speed_and_eta(eta, shown):
+    line = progress_line("vae", 120, 300, "loss", torch.tensor(0.53214), 2310.4, eta)
+    assert line == f"vae step 120/300 (40%)  loss 0.5321  2,310 images/s  {shown}"
