@@ -190,6 +190,7 @@ class RankZeroLogger:
         # A resumed run repeats the steps between its checkpoint and the interruption: their
         # points are in the history already and are not logged twice (one value per step).
         self.logged_through = self._last_logged_steps()
+        self.images_through = self._last_image_steps()
         self._queue: queue.Queue[Callable[[], Any] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="genflow-mlflow-logger", daemon=True)
@@ -199,6 +200,16 @@ class RankZeroLogger:
         keys = with_retries(lambda: self.client.get_run(self.run_id)).data.metrics
         return {key: max((m.step for m in with_retries(lambda: self.client.get_metric_history(self.run_id, key))), default=-1)
                 for key in keys if not key.startswith("system/")}
+
+    def _last_image_steps(self) -> dict[str, int]:
+        # MLflow stores a step-keyed image as images/KEY+step+STEP+timestamp+...png.
+        steps: dict[str, int] = {}
+        for artifact in with_retries(lambda: self.client.list_artifacts(self.run_id, "images")):
+            key, _, rest = Path(artifact.path).name.partition("+step+")
+            step = rest.partition("+")[0]
+            if step.isdigit():
+                steps[key] = max(steps.get(key, -1), int(step))
+        return steps
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Values may be tensors: they are read (and a GPU waited for) on the logging thread."""
@@ -210,7 +221,10 @@ class RankZeroLogger:
 
     def log_image(self, image: Any, key: str, step: int) -> None:
         """Log a PIL image as MLflow's step-keyed image `key` at `step` (the run page's image view,
-        with a step slider), e.g. the sample grid `samples` at step 100."""
+        with a step slider), e.g. the sample grid `samples` at step 100. As with metrics, a resumed
+        run does not log again a step it logged before its interruption."""
+        if step <= self.images_through.get(key, -1):
+            return
         self._submit(lambda: self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True))
 
     def say(self, line: Callable[[], str]) -> None:

@@ -96,6 +96,12 @@ def test_grids_are_step_keyed_images_and_progress_lines_print_in_order(run, caps
         assert sum(name.startswith(f"images/samples+step+{step}+") and name.endswith(".png") for name in names) == 1
     assert client.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"
     assert capsys.readouterr().out.splitlines() == ["step 10", "step 20"]
+    resumed = RankZeroLogger(uri, run_id)  # resumed from step 10's checkpoint: step 20 is drawn again
+    for step in (20, 30):
+        resumed.log_image(Image.new("RGB", (8, 8)), "samples", step)
+    resumed.close()
+    names = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert [sum(f"+step+{step}+" in name for name in names) for step in (10, 20, 30)] == [2, 2, 2]  # png + webp each
 
 
 @pytest.mark.parametrize("uri, expected", [
