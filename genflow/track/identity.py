@@ -126,9 +126,10 @@ def describe_finished_runs(experiment_id: str, family: str, identity: dict[str, 
         order_by=["attributes.start_time DESC"]))
     runs = [run for run in runs if tracking.RUN_KEY_TAG in run.data.tags]
     if not runs:
-        return f"it holds no finished {family} training run: run `genflow train {family}` (or `dvc repro train@{family}`) first"
+        return f"the store holds no finished {family} training run: run `genflow train {family}` (or `dvc repro train@{family}`) first"
     current = flatten(identity)
-    lines = [f"its finished {family} training runs (pick one with --run RUN_ID, or give the -S that match it):"]
+    lines = [f"the finished {family} training runs in the store (pick one with --run RUN_ID, or give the -S that "
+             "match it):"]
     for run in runs[:limit]:
         recorded = run.data.tags.get(IDENTITY_TAG)
         if recorded is None:
