@@ -1,9 +1,11 @@
-"""What a search leaves behind: the winner as params, the trials as a table, a plot.
+"""What a search leaves behind (`write_outputs`, for `genflow tune` and tune@FAMILY alike): the
+winner as params, the trials as a table, a plot, the DVC metrics.
 
     tuned/vae.yaml          the best trial's drawn values, params-shaped; `load_tuned` reads it
-                            back as `-S` overrides (train@vae trains the final model with them)
+                            back as `-S` overrides, which every vae command applies (genflow/tune/tuned.py)
     plots/tune/vae.csv      one row per trial: status, last step, objective, the drawn values
     plots/tune/vae.png      the objective against one drawn value, coloured by another
+    metrics/tune/vae.json   the best objective and the trial counts
 
 Light on purpose (no Ray): training reads the winner without loading the search machinery.
 """
