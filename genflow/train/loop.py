@@ -13,8 +13,8 @@ It knows the model protocol (genflow/models/protocol.py), not the family. Per ra
 
 Rank 0 alone logs (on a background thread, genflow.track.mlflow.RankZeroLogger), draws the
 sample grids (every `train.grid_every` steps; MLflow step-keyed images `samples`, `reconstructions`)
-and, under `genflow train`, prints a progress line every `train.log_every` steps. Nothing here draws from the global RNGs except
-the model itself, and those RNGs are saved per rank: a resumed run repeats an uninterrupted one
+and, under `genflow train`, prints a progress line every `train.log_every` steps. Nothing here
+draws from the global RNGs except the model itself, and those RNGs are saved per rank: a resumed run repeats an uninterrupted one
 exactly (on CPU).
 """
 
