@@ -4,13 +4,14 @@ missing) and takes `-S key=value` overrides of any params key, as `dvc exp run -
     genflow data synth data/sample --n 2000
     genflow data prepare
     genflow train vae --workers 2 --max-steps 300
-    genflow evaluate vae
-    genflow register vae
+    genflow evaluate vae                     [--run RUN_ID]
+    genflow register vae                     [--run RUN_ID]
     genflow registry list
     genflow registry promote celeba64-vae 3 --to staging
     genflow sample celeba64-vae@staging --n 64 --out grid.png
     genflow sample celeba64-ddpm@staging --n 64 --out grid.png --sampler ddim --steps 50 --eta 0
-    genflow tune vae --trials 8
+    genflow tune vae --trials 8              the winner -> tuned/vae.yaml, which every vae command
+                                             (train, evaluate, register, sample) applies unless --no-tuned
     genflow fid samples/ data/shards:test [--extractor imagenet|celeba|inception] [--n N]
     genflow report
     genflow submit --address http://HEAD:8265 -- train vae --workers 8 --gpu
@@ -33,11 +34,63 @@ def _params(args: argparse.Namespace, flags: dict[str, str] | None = None) -> Pa
     `flags` maps each override a flag stands for to the flag as typed ("train.max_steps=0":
     "--max-steps 0"), so that a bad value is reported as the flag's.
     """
+    _params_file_exists(args)
+    flags = flags or {}
+    return load_params(args.params, list(flags) + list(args.set or []), flags=flags)
+
+
+def _params_file_exists(args: argparse.Namespace) -> None:
     if args.params is not None and not Path(args.params).is_file():
         raise ParamsError(f"--params {args.params}: no such file; give an existing params file, or leave --params out "
                           f"to read ./{PARAMS_FILE} (embedded defaults where it is missing)")
+
+
+def _family_params(args: argparse.Namespace, family: str, flags: dict[str, str] | None = None) -> Params:
+    """As `_params`, with the winner of the family's search (tuned/FAMILY.yaml) between params.yaml
+    and the command's flags and -S (which win), unless --no-tuned; says so when it applies one."""
+    from genflow.tune.tuned import family_params
+
+    _params_file_exists(args)
     flags = flags or {}
-    return load_params(args.params, list(flags) + list(args.set or []), flags=flags)
+    params, tuned = family_params(family, args.params, list(flags) + list(args.set or []), flags=flags,
+                                  use_tuned=not args.no_tuned)
+    if tuned is not None:
+        print(tuned.describe(f"{args.command} {family}"), file=sys.stderr)
+    return params
+
+
+def _evaluate_on_the_runs_data(args: argparse.Namespace, params: Params) -> None:
+    """`evaluate --run RUN_ID`: score the run on the test split of the shards it trained on (its
+    logged data.shards), unless -S data.shards names other data."""
+    from genflow.config import parse_override
+    from genflow.track import mlflow as tracking
+    from genflow.track.identity import named_training_run
+
+    if any(parse_override(text)[0][:2] in (["data"], ["data", "shards"]) for text in args.set or []):
+        return
+    tracking.configure(params.tracking)
+    trained_on = named_training_run(args.family, args.run).data.params.get("data.shards")
+    if not trained_on or trained_on == params.data.shards:
+        return
+    if Path(trained_on).is_dir():
+        params.data.shards = trained_on
+        print(f"genflow: evaluate {args.family}: run {args.run} trained on data.shards={trained_on}: evaluating on "
+              "its test split (-S data.shards=DIR for other data)", file=sys.stderr)
+    else:
+        print(f"genflow: evaluate {args.family}: run {args.run} trained on data.shards={trained_on}, which is not "
+              f"here; evaluating on data.shards={params.data.shards}", file=sys.stderr)
+
+
+def _sample_params(args: argparse.Namespace) -> Params:
+    """The params of `sample`: the model's family's tuned file applies too (genflow models are
+    named celeba64-FAMILY); a name that is not a genflow model's is sample_grid's to refuse."""
+    from genflow.models.families import family_of_registered
+
+    try:
+        family = family_of_registered(args.model.partition("@")[0].partition("/")[0])
+    except ValueError:
+        return _params(args)
+    return _family_params(args, family)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -72,20 +125,23 @@ def cmd_train(args: argparse.Namespace) -> None:
         flags["train.gpu=true"] = "--gpu"
     if args.max_steps is not None:
         flags[f"train.max_steps={args.max_steps}"] = f"--max-steps {args.max_steps}"
-    result = train(args.family, _params(args, flags))
+    result = train(args.family, _family_params(args, args.family, flags))
     print(f"run {result.mlflow_run_id}: {result.summary()}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from genflow.eval.report import evaluate_family
 
-    evaluate_family(args.family, _params(args))
+    params = _family_params(args, args.family)
+    if args.run:
+        _evaluate_on_the_runs_data(args, params)
+    evaluate_family(args.family, params, args.run)
 
 
 def cmd_register(args: argparse.Namespace) -> None:
     from genflow.track.registry import register_family
 
-    version = register_family(args.family, _params(args))
+    version = register_family(args.family, _family_params(args, args.family), args.run)
     print(f"registered {version.name} version {version.version} (alias candidate)")
 
 
@@ -107,12 +163,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise ParamsError(f"--n {args.n}: the number of images must be at least 1")
-    sample_grid(_params(args), args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed,
+    sample_grid(_sample_params(args), args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed,
                 sampler=args.sampler, steps=args.steps, eta=args.eta)
     print(f"wrote {args.out}")
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
+    from genflow.tune.report import output_paths, write_outputs
     from genflow.tune.search import SearchInterrupted, tune
 
     flags = {f"tune.{args.family}.trials={args.trials}": f"--trials {args.trials}"} if args.trials is not None else {}
@@ -122,6 +179,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
         print(f"genflow: {interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
     print(result)
+    earlier = [path.exists() for path in output_paths(args.family)]
+    for path, replaced in zip(write_outputs(result), earlier):
+        print(f"{'replaced the earlier' if replaced else 'wrote'} {path}")
 
 
 def cmd_fid(args: argparse.Namespace) -> None:
@@ -158,58 +218,70 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default=None, help="params file (default: ./params.yaml, else embedded defaults)")
     common.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="override a params key (dotted), repeatable")
+    # The commands that train, score or draw from one family apply its tuned params (genflow/tune/tuned.py).
+    tuned = argparse.ArgumentParser(add_help=False)
+    tuned.add_argument("--no-tuned", action="store_true",
+                       help="leave out tuned/FAMILY.yaml (the winner of `genflow tune FAMILY`), applied by default "
+                            "between params.yaml and -S")
 
     parser = argparse.ArgumentParser(prog="genflow", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"genflow {_version()}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="CelebA sample and shards").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write a CelebA-format sample", parents=[common])
-    p.add_argument("out")
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--layout", choices=["official", "zip", "kaggle"], default="official")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="folder to write the sample into (NOT CelebA: synthetic faces in CelebA's layout)")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--layout", choices=["official", "zip", "kaggle"], default="official",
+                   help="CelebA's file layout to imitate (default: official)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("prepare", help="CelebA -> 64x64 WebDataset shards", parents=[common])
     p.add_argument("--source", help="CelebA folder or zip, or 'sample' (default: data.source)")
     p.add_argument("--out", help="shard folder (default: data.shards)")
     p.set_defaults(func=cmd_data_prepare)
 
-    p = sub.add_parser("train", help="train a family with Ray Train", parents=[common])
-    p.add_argument("family", choices=FAMILY_NAMES)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--gpu", action="store_true")
-    p.add_argument("--max-steps", type=int)
+    p = sub.add_parser("train", help="train a family with Ray Train", parents=[common, tuned])
+    p.add_argument("family", choices=FAMILY_NAMES, help="the model family")
+    p.add_argument("--workers", type=int, help="Ray Train workers, DDP ranks (default: train.workers)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (train.gpu=true)")
+    p.add_argument("--max-steps", type=int, help="training steps (default: train.max_steps)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune", parents=[common])
-    p.add_argument("family", choices=FAMILY_NAMES)
-    p.add_argument("--trials", type=int)
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune; the winner -> tuned/FAMILY.yaml",
+                       parents=[common])
+    p.add_argument("family", choices=FAMILY_NAMES, help="the model family")
+    p.add_argument("--trials", type=int, help="trials in the search (default: tune.FAMILY.trials)")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("evaluate", help="evaluate the family's latest training run", parents=[common])
-    p.add_argument("family", choices=FAMILY_NAMES)
+    p = sub.add_parser("evaluate", help="evaluate the family's training run on the test split", parents=[common, tuned])
+    p.add_argument("family", choices=FAMILY_NAMES, help="the model family")
+    p.add_argument("--run", metavar="RUN_ID", help="the finished training run to evaluate (default: the one trained "
+                                                   "with the current params), scored on the data it trained on")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("register", help="register the latest evaluated run as a candidate", parents=[common])
-    p.add_argument("family", choices=FAMILY_NAMES)
+    p = sub.add_parser("register", help="register the family's evaluated run as a candidate", parents=[common, tuned])
+    p.add_argument("family", choices=FAMILY_NAMES, help="the model family")
+    p.add_argument("--run", metavar="RUN_ID", help="the evaluated training run to register (default: the one trained "
+                                                   "with the current params)")
     p.set_defaults(func=cmd_register)
 
     registry = sub.add_parser("registry", help="the MLflow model registry").add_subparsers(dest="registry_command", required=True)
     p = registry.add_parser("list", help="models, versions, aliases, key metrics", parents=[common])
     p.set_defaults(func=cmd_registry_list)
     p = registry.add_parser("promote", help="move an alias to a version (gated on metrics)", parents=[common])
-    p.add_argument("model")
-    p.add_argument("version")
-    p.add_argument("--to", choices=["staging", "production"], required=True)
+    p.add_argument("model", help="registered model name, e.g. celeba64-vae")
+    p.add_argument("version", help="the version to promote")
+    p.add_argument("--to", choices=["staging", "production"], required=True, help="the alias to move to that version")
     p.add_argument("--force", action="store_true", help="promote even if the metric is worse")
     p.add_argument("--reason", default="", help="recorded on the version")
     p.set_defaults(func=cmd_registry_promote)
 
-    p = sub.add_parser("sample", help="write a grid of samples from a registered model", parents=[common])
+    p = sub.add_parser("sample", help="write a grid of samples from a registered model", parents=[common, tuned])
     p.add_argument("model", help="NAME@ALIAS or NAME/VERSION")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the samples (default: 0)")
     p.add_argument("--attr", action="append", metavar="NAME=0|1",
                    help="conditional models (cgan): set a CelebA attribute, repeatable; the unnamed ones are "
                         "drawn per image from a random training image (data.shards' manifest)")
@@ -240,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="-- then the genflow subcommand the job runs, e.g. -- train vae --workers 8 --gpu")
     p.set_defaults(func=cmd_submit)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (genflow.__version__ when run from a checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genflow")
+    except PackageNotFoundError:
+        return genflow.__version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,11 @@ from genflow.config import Params, load_params
 from genflow.provenance import anchor_stores
 
 
-def stage_params(overrides: list[str] | None = None) -> Params:
-    """params.yaml as DVC sees it (DVC passes -S overrides by rewriting params.yaml), with
-    `overrides` on top (train@FAMILY: the winner of tune@FAMILY), and the stores DVC does not
-    track anchored to the project, also in `dvc exp run --temp` (genflow.provenance)."""
-    return anchor_stores(load_params("params.yaml", overrides))
+def stage_params() -> Params:
+    """params.yaml as DVC sees it (DVC passes -S overrides by rewriting params.yaml), with the
+    stores DVC does not track anchored to the project, also in `dvc exp run --temp`
+    (genflow.provenance)."""
+    return anchor_stores(load_params("params.yaml"))
 
 
 def write_json(path: str, content: dict) -> None:

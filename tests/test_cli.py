@@ -1,8 +1,11 @@
 """The `genflow` command's expected failures: one line naming what and the fix, non-zero exit;
 a genuine bug keeps its traceback."""
 
+import argparse
 import errno
 import os
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -169,3 +172,110 @@ def test_a_genuine_bug_keeps_its_traceback(project, monkeypatch):
     monkeypatch.setattr(shards_module, "prepare", bug)
     with pytest.raises(KeyError):
         cli.main(["data", "prepare"])
+
+
+# --- the surface: help, version -------------------------------------------------------------------
+
+
+def _parsers(parser, path=("genflow",)):
+    """(command path, parser) for the root and every subcommand, however deep."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, (*path, name))
+
+
+def test_every_subcommand_option_and_argument_has_help():
+    missing = []
+    for path, parser in _parsers(cli.build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {choice.dest for choice in action._choices_actions if choice.help}
+                missing += [f"{' '.join(path)} {name}" for name in action.choices if name not in helped]
+            elif not (action.help or "").strip():
+                missing.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, f"without help text: {missing}"
+
+
+def test_version_prints_the_package_version(capsys):
+    from importlib.metadata import version
+
+    import genflow
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"genflow {version('genflow')}"
+    # The version is declared twice (pyproject.toml for the package, genflow.__version__ for a checkout).
+    declared = re.search(r'^version = "(.+)"$', (Path(__file__).parents[1] / "pyproject.toml").read_text(), re.M)[1]
+    assert genflow.__version__ == declared
+
+
+# --- tuned params, --run ------------------------------------------------------------------------
+
+
+def test_tune_writes_the_winner_that_the_family_commands_apply(project, capsys, monkeypatch):
+    from genflow.tune import search
+    from tests.tune.test_space import fake_result
+
+    monkeypatch.setattr(search, "tune", lambda family, params: fake_result(project))
+    assert cli.main(["tune", "vae"]) == 0
+    out = capsys.readouterr().out
+    for path in ("tuned/vae.yaml", "plots/tune/vae.csv", "plots/tune/vae.png", "metrics/tune/vae.json"):
+        assert f"wrote {path}" in out and (project / path).is_file()
+    assert cli.main(["tune", "vae"]) == 0
+    assert "replaced the earlier tuned/vae.yaml" in capsys.readouterr().out  # its own earlier output, said so
+    assert yaml.safe_load((project / "tuned/vae.yaml").read_text())["models"]["vae"]["kl"]["kind"] == "linear"
+
+
+@pytest.mark.slow
+def test_after_training_with_tuned_params_evaluate_and_register_need_no_repeated_overrides(
+        tiny_shards, capsys, ray_local):
+    project = tiny_shards.parent
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params.update(
+        data={"shards": "shards"},
+        models={"vae": {"hidden_channels": [8, 16, 32, 32], "latent_dim": 8, "norm_groups": 4}},
+        train={"workers": 1, "max_steps": 2, "checkpoint_every": 2, "batch_size": 8, "log_every": 1,
+               "storage_path": str(project / "ray"), "max_failures": 0},
+        evaluate={"batches": 1, "batch_size": 8, "sample_n": 4, "cpu_samples": 6, "kid_subsets": 2,
+                  "stats_cache": str(project / "stats")})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "tuned").mkdir()
+    (project / "tuned/vae.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.002},
+                                                            "models": {"vae": {"kl": {"weight": 0.01}}}}))
+    assert cli.main(["train", "vae"]) == 0
+    captured = capsys.readouterr()
+    run_id = re.search(r"^run (\w+): vae trained to step 2", captured.out, re.M)[1]
+    assert ("genflow: train vae: applying tuned/vae.yaml: models.vae.kl.weight=0.01, train.lr=0.002; --no-tuned "
+            "leaves it out") in captured.err
+    assert f"MLflow run {run_id} in sqlite:///{project}/mlflow.db; browse it: mlflow ui" in captured.err
+    assert "Ray dashboard http://" in captured.err
+    logged = MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(run_id).data.params
+    assert (logged["train.lr"], logged["model.kl.weight"]) == ("0.002", "0.01")
+
+    # After `genflow train` (or dvc repro), the next commands find the run with no -S repeated.
+    assert cli.main(["evaluate", "vae"]) == 0
+    assert cli.main(["register", "vae"]) == 0
+    captured = capsys.readouterr()
+    assert "genflow: evaluate vae: applying tuned/vae.yaml" in captured.err
+    assert "registered celeba64-vae version 1" in captured.out
+
+    # Without the tuned file the params name no run: the error lists the finished ones, with what sets them apart.
+    assert cli.main(["register", "vae", "--no-tuned"]) == 2
+    err = capsys.readouterr().err
+    assert "no finished training run of vae with the current params" in err and "--run RUN_ID" in err
+    assert f"  {run_id}  " in err and "train.lr=0.002 (now: 0.0005)" in err and "models.vae.kl.weight=0.01" in err
+
+    # Data that is not here: the runs are listed all the same, and --run names one.
+    assert cli.main(["register", "vae", "-S", "data.shards=gone"]) == 2
+    err = capsys.readouterr().err
+    assert "gone: no such shard folder" in err and f"  {run_id}  " in err and "data.shards=shards (its data" in err
+    assert cli.main(["register", "vae", "--no-tuned", "-S", "data.shards=gone", "--run", run_id]) == 0
+
+    # evaluate --run scores the run on the data it trained on, whatever params.yaml now says.
+    params["data"]["shards"] = "elsewhere"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["evaluate", "vae", "--no-tuned", "--run", run_id]) == 0
+    assert f"run {run_id} trained on data.shards=shards: evaluating on its test split" in capsys.readouterr().err

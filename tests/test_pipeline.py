@@ -90,6 +90,10 @@ def test_dvc_repro_runs_every_stage_and_registers_a_candidate(project):
     again = run(["dvc", "repro"], project)
     assert "Data and pipelines are up to date" in again
 
+    # After dvc repro, the CLI finds the run train@vae trained (it applies tuned/vae.yaml, as the stages do).
+    evaluated = run([sys.executable, "-m", "genflow.cli", "evaluate", "vae"], project)
+    assert "genflow: evaluate vae: applying tuned/vae.yaml" in evaluated
+    assert f"(run {json.loads((project / 'metrics/train/vae.json').read_text())['run_id']})" in evaluated
     # Issue 13: what DVC records is what ran. The sample is prepare's hashed dependency; the MLflow
     # runs name the commit and the stage; params that do not decide a result rerun nothing; and
     # register, run again for the same training run, adds no version.

@@ -26,10 +26,11 @@ def load_trained_model(run_id: str):
     return mlflow.pyfunc.load_model(f"runs:/{run_id}/{MODEL_ARTIFACT}").unwrap_python_model().model
 
 
-def evaluate_family(family: str, params: Params) -> dict[str, float]:
+def evaluate_family(family: str, params: Params, run_id: str | None = None) -> dict[str, float]:
+    """Score the family's finished training run (`run_id`, else the one the params name) on the test split."""
     from genflow.data.loader import dataset_digest, eval_loader
 
-    run = finished_training_run(family, params)
+    run = finished_training_run(family, params, run_id)
     model = load_trained_model(run.info.run_id)
     device = torch.device("cuda" if params.train.gpu and torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -18,6 +18,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+
 from genflow.config import Params, ParamsError, TrainParams, flatten
 from genflow.models import families  # noqa: F401  (registers the family configs that run_identity reads)
 from genflow.sources import PROJECT_ROOT, code_digest, imported_modules
@@ -39,8 +44,9 @@ def identity_train_keys() -> list[str]:
     return [key for key in TrainParams.model_fields if key not in OPERATIONAL_KEYS]
 
 
-def run_identity(family: str, params: Params, dataset_digest: str) -> dict[str, Any]:
-    """What decides the trained model, as plain data (also recorded on the MLflow run)."""
+def run_identity(family: str, params: Params, dataset_digest: str | None) -> dict[str, Any]:
+    """What decides the trained model, as plain data (also recorded on the MLflow run); a digest of
+    None stands for data that is not there (to compare with the runs that had theirs)."""
     train = {k: v for k, v in params.train.model_dump(mode="json").items() if k in identity_train_keys()}
     return {"family": family, "model": params.family_config(family).model_dump(mode="json"), "train": train,
             "data": dataset_digest, "code": training_code(family)}
@@ -90,10 +96,83 @@ def check_same_run(experiment_id: str, name: str, identity: dict[str, Any], run_
                      "to start afresh")
 
 
-def finished_training_run(family: str, params: Params):
-    """The finished MLflow run that trained `family` with the current params and data."""
+def finished_training_run(family: str, params: Params, run_id: str | None = None):
+    """The finished MLflow run that trained `family`: the run `run_id` names (`--run`), else the one
+    trained with the current params and data. When none matches, the error lists the family's
+    finished runs with the params that set each apart, so the user can pick one."""
+    experiment_id = tracking.configure(params.tracking)
+    if run_id:
+        return named_training_run(family, run_id)
     from genflow.data.loader import dataset_digest
 
-    experiment_id = tracking.configure(params.tracking)
-    key = run_key(family, params, dataset_digest(Path(params.data.shards)))
-    return tracking.find_finished_run(experiment_id, family, key)
+    try:
+        digest = dataset_digest(Path(params.data.shards))
+    except FileNotFoundError as missing:  # no data here: the runs are still worth listing (one may be --run)
+        identity = run_identity(family, params, None)
+        raise FileNotFoundError(f"{missing}\n" + describe_finished_runs(experiment_id, family, identity)) from None
+    identity = run_identity(family, params, digest)
+    key = identity_key(identity)
+    run = tracking.find_run(experiment_id, family, key)
+    if run is not None and run.info.status == RunStatus.to_string(RunStatus.FINISHED):
+        return run
+    state = f"its run {run.info.run_id} is {run.info.status}" if run is not None else "none"
+    raise FileNotFoundError(f"no finished training run of {family} with the current params (run key {key}; {state}) "
+                            f"in {mlflow.get_tracking_uri()}; " + describe_finished_runs(experiment_id, family, identity))
+
+
+def named_training_run(family: str, run_id: str):
+    """The MLflow run `run_id`, checked to be a finished training run of `family`."""
+    try:
+        run = tracking.with_retries(lambda: MlflowClient().get_run(run_id))
+    except MlflowException:
+        raise FileNotFoundError(f"--run {run_id}: no such MLflow run in {mlflow.get_tracking_uri()}; "
+                                f"see `mlflow ui` or run `genflow evaluate {family}` without --run for the list") from None
+    tags = run.data.tags
+    if tracking.RUN_KEY_TAG not in tags:
+        raise ValueError(f"--run {run_id}: not a training run (a search's or a trial's?); give a run that "
+                         f"`genflow train {family}` made")
+    if tags.get(tracking.FAMILY_TAG) != family:
+        raise ValueError(f"--run {run_id}: a {tags.get(tracking.FAMILY_TAG)} run, not {family}")
+    if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+        raise ValueError(f"--run {run_id}: its training is {run.info.status}, not finished; run the same "
+                         f"`genflow train {family}` again to resume it")
+    return run
+
+
+def describe_finished_runs(experiment_id: str, family: str, identity: dict[str, Any], limit: int = 10) -> str:
+    """The family's finished training runs, newest first, each with the params in which it differs
+    from `identity` (the current params): what to give -S, or --run, to pick it."""
+    client = MlflowClient()
+    runs = tracking.with_retries(lambda: client.search_runs(
+        [experiment_id], filter_string=f"tags.`{tracking.FAMILY_TAG}` = '{family}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"]))
+    runs = [run for run in runs if tracking.RUN_KEY_TAG in run.data.tags]
+    if not runs:
+        return f"the store holds no finished {family} training run: run `genflow train {family}` (or `dvc repro train@{family}`) first"
+    current = flatten(identity)
+    lines = [f"the finished {family} training runs in the store (pick one with --run RUN_ID, or give the -S that "
+             "match it):"]
+    for run in runs[:limit]:
+        recorded = run.data.tags.get(IDENTITY_TAG)
+        if recorded is None:
+            lines.append(f"  {run.info.run_id}  {run.info.run_name}: (its params were not recorded)")
+            continue
+        theirs = flatten(json.loads(recorded))
+        differences = [_difference(key, theirs.get(key, "(absent)"), current.get(key, "(absent)"), run)
+                       for key in sorted(set(theirs) | set(current)) if theirs.get(key) != current.get(key)]
+        lines.append(f"  {run.info.run_id}  {run.info.run_name}: " + "; ".join(differences))
+    if len(runs) > limit:
+        lines.append(f"  ... and {len(runs) - limit} older")
+    return "\n".join(lines)
+
+
+def _difference(key: str, theirs: Any, current: Any, run) -> str:
+    """`key=their value (now: current value)`, as params keys: an identity's `model.*` is `models.FAMILY.*`,
+    its `data` the digest of the shards (named by the data.shards the run trained on)."""
+    if key == "data":
+        shards = run.data.params.get("data.shards", "?")
+        now = "none here" if current is None else f"now {str(current)[:12]}"
+        return f"data.shards={shards} (its data: digest {str(theirs)[:12]}; {now})"
+    if key.startswith("model."):
+        key = f"models.{run.data.tags.get(tracking.FAMILY_TAG)}.{key[len('model.'):]}"
+    return f"{key}={json.dumps(theirs)} (now: {json.dumps(current)})"

@@ -20,7 +20,7 @@ from typing import Any, Callable, TypeVar
 import genflow  # noqa: F401  (telemetry off before mlflow loads)
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric
 
 from genflow.config import TrackingParams
 
@@ -151,14 +151,15 @@ def find_run_named(experiment_id: str, ray_run: str, client: MlflowClient | None
     return runs[0] if runs else None
 
 
-def find_finished_run(experiment_id: str, family: str, run_key: str):
-    run = find_run(experiment_id, family, run_key)
-    if run is None or run.info.status != RunStatus.to_string(RunStatus.FINISHED):
-        raise FileNotFoundError(
-            f"no finished training run of {family} with the current params (run key {run_key}) "
-            f"in {mlflow.get_tracking_uri()}; run `genflow train {family}` (or `dvc repro train@{family}`) first"
-        )
-    return run
+def run_location(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to look at a run: its page on a tracking server, or (a local store) the command that
+    serves one, and the page's address there."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    if uri.startswith(("sqlite:", "file:", "/", "./", "../", "postgresql", "mysql")):
+        return f"{run_id} in {uri}; browse it: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
+    return f"{run_id} in {uri}"
 
 
 def record_scoring(run_id: str, scored_on: dict[str, Any]) -> None:
@@ -189,6 +190,7 @@ class RankZeroLogger:
         # A resumed run repeats the steps between its checkpoint and the interruption: their
         # points are in the history already and are not logged twice (one value per step).
         self.logged_through = self._last_logged_steps()
+        self.images_through = self._last_image_steps()
         self._queue: queue.Queue[Callable[[], Any] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="genflow-mlflow-logger", daemon=True)
@@ -199,6 +201,16 @@ class RankZeroLogger:
         return {key: max((m.step for m in with_retries(lambda: self.client.get_metric_history(self.run_id, key))), default=-1)
                 for key in keys if not key.startswith("system/")}
 
+    def _last_image_steps(self) -> dict[str, int]:
+        # MLflow stores a step-keyed image as images/KEY+step+STEP+timestamp+...png.
+        steps: dict[str, int] = {}
+        for artifact in with_retries(lambda: self.client.list_artifacts(self.run_id, "images")):
+            key, _, rest = Path(artifact.path).name.partition("+step+")
+            step = rest.partition("+")[0]
+            if step.isdigit():
+                steps[key] = max(steps.get(key, -1), int(step))
+        return steps
+
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Values may be tensors: they are read (and a GPU waited for) on the logging thread."""
         now = int(time.time() * 1000)
@@ -207,9 +219,18 @@ class RankZeroLogger:
             self._submit(lambda: self.client.log_batch(
                 self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in fresh.items()]))
 
-    def log_png(self, image: Any, artifact_file: str) -> None:
-        """Log a PIL image as a PNG artifact at `artifact_file` (e.g. samples/step_000100.png)."""
-        self._submit(lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """Log a PIL image as MLflow's step-keyed image `key` at `step` (the run page's image view,
+        with a step slider), e.g. the sample grid `samples` at step 100. As with metrics, a resumed
+        run does not log again a step it logged before its interruption."""
+        if step <= self.images_through.get(key, -1):
+            return
+        self._submit(lambda: self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True))
+
+    def say(self, line: Callable[[], str]) -> None:
+        """Print `line()` on the console, in order with the logging: it runs on the logging thread,
+        so reading a GPU value for it never stalls training."""
+        self._submit(lambda: print(line(), flush=True))
 
     def set_tag(self, key: str, value: str) -> None:
         self._submit(lambda: self.client.set_tag(self.run_id, key, value))

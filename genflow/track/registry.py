@@ -42,14 +42,14 @@ def _primary(family: str) -> tuple[str, bool]:
     return model_class.primary_metric, model_class.primary_metric_lower_is_better
 
 
-def register_family(family: str, params: Params):
-    """Register the family's evaluated run as a new version with alias `candidate`.
+def register_family(family: str, params: Params, run_id: str | None = None):
+    """Register the family's evaluated run (`run_id`, else the one the params name) as a new version with alias `candidate`.
 
     One version per training run: registering a run that a version already holds (`dvc repro`
     after an operational param changed, or register run twice) makes no second version; that
     version's test metrics, scoring and card are brought up to the run's latest evaluation, and
     `candidate` moves to it."""
-    run = finished_training_run(family, params)
+    run = finished_training_run(family, params, run_id)
     metric, lower_is_better = _primary(family)
     test_metrics = {k[len("test/"):]: v for k, v in run.data.metrics.items() if k.startswith("test/")}
     if metric not in test_metrics:
@@ -118,7 +118,7 @@ def model_card(family: str, run, test_metrics: dict[str, float]) -> str:
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in sorted(params.items()) if k.startswith(("model.", "train."))],
         "",
-        "Samples: the run's artifact `evaluation/samples.png`; per-epoch grids under `samples/`.",
+        "Samples: the run's artifact `evaluation/samples.png`; grids during training: the run's step-keyed images `samples` (and `reconstructions`).",
         f"Use: `mlflow.pyfunc.load_model('models:/{registered_name(family)}@staging').predict(pd.DataFrame({{'n': [16], 'seed': [0]}}))`",
     ]
     return "\n".join(lines)

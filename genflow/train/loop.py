@@ -11,15 +11,17 @@ It knows the model protocol (genflow/models/protocol.py), not the family. Per ra
     checkpoint        validation on the held-out split (shared by the ranks), then every rank
                       writes its part and reports through `ray.train.report`
 
-Rank 0 alone logs (on a background thread, genflow.track.mlflow.RankZeroLogger) and draws the
-sample grids (every `train.grid_every` steps). Nothing here draws from the global RNGs except
-the model itself, and those RNGs are saved per rank: a resumed run repeats an uninterrupted one
+Rank 0 alone logs (on a background thread, genflow.track.mlflow.RankZeroLogger), draws the
+sample grids (every `train.grid_every` steps; MLflow step-keyed images `samples`, `reconstructions`)
+and, under `genflow train`, prints a progress line every `train.log_every` steps. Nothing here
+draws from the global RNGs except the model itself, and those RNGs are saved per rank: a resumed run repeats an uninterrupted one
 exactly (on CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import math
@@ -75,6 +77,7 @@ class WorkerConfig:
     mlflow_run_id: str
     batch_source: BatchSource | None = None  # None: the shards' train split
     validation_source: BatchSource | None = None  # None: the shards' validation split (with no batch_source)
+    progress: bool = False  # rank 0 prints a progress line every log_every steps (`genflow train`; Tune has its own)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -247,12 +250,18 @@ def train_worker(config: WorkerConfig) -> None:
                         metrics["train/grad_norm" if name == "main" else f"train/grad_norm/{name}"] = norm
                     for name, lr in step_lrs.items():
                         metrics["train/lr" if name == "main" else f"train/lr/{name}"] = lr
-                    metrics["train/images_per_s"] = window_steps * train.batch_size * world_size / elapsed
+                    images_per_s = window_steps * train.batch_size * world_size / elapsed
+                    metrics["train/images_per_s"] = images_per_s
                     metrics["train/epoch"] = run.step / run.batches_per_epoch
                     # The share of the window rank 0 spent on its own work (logging, grids), which
                     # every other rank waits for at the next all-reduce.
                     metrics["train/rank0_overhead"] = rank0_seconds / elapsed
                     logger.log_metrics(metrics, run.step)
+                    if config.progress:
+                        seconds_per_step = elapsed / window_steps
+                        logger.say(functools.partial(progress_line, config.family, run.step, train.max_steps,
+                                                     run.model.monitor, monitored, images_per_s,
+                                                     (train.max_steps - run.step) * seconds_per_step))
                     window_start, window_steps, rank0_seconds = time.perf_counter(), 0, 0.0
                 if (train.grid_every and run.step % train.grid_every == 0) or run.step == train.max_steps:
                     log_grids(logger, run.model, batch, run.step, train)
@@ -262,6 +271,17 @@ def train_worker(config: WorkerConfig) -> None:
     finally:
         if logger:
             logger.close()
+
+
+def progress_line(family: str, step: int, max_steps: int, monitor: str, loss: torch.Tensor | float,
+                  images_per_s: float, eta_seconds: float) -> str:
+    """`vae step 120/300 (40%)  loss 0.5321  2,310 images/s  ETA 1m18s`: what `genflow train`
+    prints every log_every steps (the ETA at the last window's rate)."""
+    minutes, seconds = divmod(round(eta_seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    eta = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+    return (f"{family} step {step}/{max_steps} ({100 * step // max_steps}%)  {monitor} {float(loss):.4g}  "
+            f"{images_per_s:,.0f} images/s  ETA {eta}")
 
 
 def setup(config: WorkerConfig, rank: int, world_size: int) -> RankRun:
@@ -460,10 +480,10 @@ def log_grids(logger: RankZeroLogger, model: GenerativeModel, batch: Batch, step
         n = train.grid_size
         cond = batch.attrs[torch.arange(n, device=device) % len(batch.attrs)] if model.conditional else None
         samples = model.sample(n, cond=cond, generator=generator)
-        logger.log_png(image_grid(samples, columns=math.ceil(math.sqrt(n))), f"samples/step_{step:07d}.png")
+        logger.log_image(image_grid(samples, columns=math.ceil(math.sqrt(n))), "samples", step)
         originals = batch.images[:8]
         reconstructions = model.reconstruct(originals)
         if reconstructions is not None:
             pair = torch.cat([model.to_uint8(originals), reconstructions])
-            logger.log_png(image_grid(pair, columns=len(originals)), f"reconstructions/step_{step:07d}.png")
+            logger.log_image(image_grid(pair, columns=len(originals)), "reconstructions", step)
     model.train(was_training)

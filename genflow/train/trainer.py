@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,13 @@ class TrainResult:
         return f"{self.family} trained to step {self.metrics.get('step')} (loss {self.metrics.get('loss', float('nan')):.4g}), checkpoint {self.checkpoint_path}"
 
 
+# The Ray dashboard's address, as ray.init reported it when ensure_ray connected (None: no dashboard).
+_dashboard_url: str | None = None
+
+
 def ensure_ray(ray_params: RayParams) -> None:
     """Connect to the configured cluster, or start Ray locally; a no-op when already connected."""
+    global _dashboard_url
     if ray.is_initialized():
         return
     address = ray_params.address or os.environ.get("RAY_ADDRESS") or None
@@ -73,7 +79,9 @@ def ensure_ray(ray_params: RayParams) -> None:
     users_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         # The dashboard stays on: Ray Train's controller watches its actors through the state API.
-        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
+        context = ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
+        url = getattr(context, "dashboard_url", None)
+        _dashboard_url = (url if "://" in url else f"http://{url}") if url else None
     except ConnectionError as err:
         raise ConnectionError(f"cannot reach the Ray cluster at {address} ({err}); check ray.address / RAY_ADDRESS, "
                               "or leave it empty to start Ray locally") from None
@@ -96,6 +104,11 @@ def without_job_env_vars(env: dict[str, str]) -> dict[str, str]:
     job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
     set_by_job = ((job_config.get("runtime_env") or {}).get("env_vars") or {}).keys()
     return {name: value for name, value in env.items() if name not in set_by_job}
+
+
+def say(line: str) -> None:
+    """A line for the person at the console (stderr: stdout carries the command's result)."""
+    print(f"genflow: {line}", file=sys.stderr, flush=True)
 
 
 def _free_port() -> int:
@@ -147,11 +160,15 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
             if batch_source is None:
                 log_dataset(shards, params, dataset_digest)
         ledger = CheckpointLedger(tracking_uri, run.info.run_id, tracking.worker_env(tracking_uri))
+        say(f"{family}: {'resuming' if resuming else 'starting'} Ray run {name}; MLflow run "
+            + tracking.run_location(tracking_uri, experiment_id, run.info.run_id))
         try:
             ensure_ray(params.ray)
+            if _dashboard_url:
+                say(f"{family}: Ray dashboard {_dashboard_url}")
             trainer = torch_trainer(family, params, name=name, storage=storage, tracking_uri=tracking_uri,
                                     mlflow_run_id=run.info.run_id, batch_source=batch_source,
-                                    validation_source=validation_source, callbacks=[ledger])
+                                    validation_source=validation_source, callbacks=[ledger], progress=True)
             result = fit_stoppably(trainer)
         except KeyboardInterrupt:  # Ctrl+C or SIGTERM: the checkpoints Ray registered are kept
             mlflow.end_run(status="KILLED")
@@ -172,8 +189,9 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
 
 def torch_trainer(family: str, params: Params, *, name: str, storage: Path, tracking_uri: str, mlflow_run_id: str,
                   batch_source: BatchSource | None = None, validation_source: BatchSource | None = None,
-                  callbacks: list | None = None) -> TorchTrainer:
-    """The Ray Train TorchTrainer of one run (used by `train` and by each Tune trial)."""
+                  callbacks: list | None = None, progress: bool = False) -> TorchTrainer:
+    """The Ray Train TorchTrainer of one run (used by `train`, which asks for rank 0's `progress`
+    lines, and by each Tune trial)."""
     worker = WorkerConfig(
         family=family,
         model_class=get_family(family),
@@ -184,6 +202,7 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: Path, trac
         mlflow_run_id=mlflow_run_id,
         batch_source=batch_source,
         validation_source=validation_source,
+        progress=progress,
     )
     return TorchTrainer(
         functools.partial(train_worker, worker),

@@ -1,9 +1,11 @@
-"""What a search leaves behind: the winner as params, the trials as a table, a plot.
+"""What a search leaves behind (`write_outputs`, for `genflow tune` and tune@FAMILY alike): the
+winner as params, the trials as a table, a plot, the DVC metrics.
 
     tuned/vae.yaml          the best trial's drawn values, params-shaped; `load_tuned` reads it
-                            back as `-S` overrides (train@vae trains the final model with them)
+                            back as `-S` overrides, which every vae command applies (genflow/tune/tuned.py)
     plots/tune/vae.csv      one row per trial: status, last step, objective, the drawn values
     plots/tune/vae.png      the objective against one drawn value, coloured by another
+    metrics/tune/vae.json   the best objective and the trial counts
 
 Light on purpose (no Ray): training reads the winner without loading the search machinery.
 """
@@ -128,8 +130,8 @@ def write_tuned(result: SearchResult, path: Path) -> None:
     header = (
         f"# The best trial of the {result.family} search {result.name}: {best['trial']}, "
         f"{result.metric}={best['objective']:.6g} at step {best['step']} (MLflow run {result.mlflow_run_id}).\n"
-        f"# Written by `genflow tune {result.family}` (dvc repro tune@{result.family}); "
-        "genflow.tune.report.load_tuned reads it as -S overrides.\n"
+        f"# Written by `genflow tune {result.family}` (dvc repro tune@{result.family}); every {result.family} "
+        "command applies it (genflow/tune/tuned.py; --no-tuned leaves it out).\n"
     )
     write_atomically(Path(path), header + yaml.safe_dump(tuned_fragment(result.best_config), sort_keys=False))
 
@@ -139,8 +141,8 @@ def load_tuned(family: str, path: str | Path | None = None) -> list[str]:
     before the command's own -S: `load_params(overrides=load_tuned("vae") + cli_overrides)`."""
     path = Path(path or f"tuned/{family}.yaml")
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no tuned params for {family}; run `dvc repro tune@{family}` "
-                                f"(or `genflow tune {family}` and take them from its MLflow run)")
+        raise FileNotFoundError(f"{path}: no tuned params for {family}; run `genflow tune {family}` "
+                                f"(or `dvc repro tune@{family}`)")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -152,6 +154,23 @@ def load_tuned(family: str, path: str | Path | None = None) -> list[str]:
     if strays:
         raise ParamsError(f"{path}: {strays[0]} is not a {family} param; is this another family's file?")
     return [override(key, value) for key, value in values.items()]
+
+
+def output_paths(family: str, root: Path = Path(".")) -> list[Path]:
+    """What a search of `family` leaves in the project (the DVC stage tune@FAMILY's outputs):
+    the winner, the trial table, the plot, the DVC metrics."""
+    return [root / "tuned" / f"{family}.yaml", root / "plots/tune" / f"{family}.csv",
+            root / "plots/tune" / f"{family}.png", root / "metrics/tune" / f"{family}.json"]
+
+
+def write_outputs(result: SearchResult, root: Path = Path(".")) -> list[Path]:
+    """Write `output_paths`, as `genflow tune` and DVC's tune@FAMILY both do (one code path)."""
+    paths = output_paths(result.family, root)
+    write_tuned(result, paths[0])
+    write_table(result, paths[1])
+    plot_search(result, paths[2])
+    write_atomically(paths[3], json.dumps(result.metrics(), indent=2, sort_keys=True) + "\n")
+    return paths
 
 
 def write_table(result: SearchResult, path: Path) -> None:

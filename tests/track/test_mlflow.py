@@ -5,7 +5,7 @@ import threading
 import pytest
 from mlflow import MlflowClient
 
-from genflow.track.mlflow import RankZeroLogger, TrackingError
+from genflow.track.mlflow import RankZeroLogger, TrackingError, run_location
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,35 @@ def test_a_resumed_run_logs_each_metric_step_once(run):
     assert {m.step: m.value for m in history}[60] == 1.0 / 60
     assert [m.value for m in client.get_metric_history(run_id, "train/start_step")] == [0, 40]
     assert len(client.get_metric_history(run_id, "val/kl")) == 6
+
+
+def test_grids_are_step_keyed_images_and_progress_lines_print_in_order(run, capsys):
+    # MLflow's image view (a step slider per key) reads images/KEY+step+STEP+... and the loggedImages tag.
+    from PIL import Image
+
+    uri, client, run_id = run
+    logger = RankZeroLogger(uri, run_id)
+    for step in (10, 20):
+        logger.log_image(Image.new("RGB", (8, 8), (step, 0, 0)), "samples", step)
+        logger.say(lambda step=step: f"step {step}")
+    logger.close()
+    names = [a.path for a in client.list_artifacts(run_id, "images")]
+    for step in (10, 20):
+        assert sum(name.startswith(f"images/samples+step+{step}+") and name.endswith(".png") for name in names) == 1
+    assert client.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"
+    assert capsys.readouterr().out.splitlines() == ["step 10", "step 20"]
+    resumed = RankZeroLogger(uri, run_id)  # resumed from step 10's checkpoint: step 20 is drawn again
+    for step in (20, 30):
+        resumed.log_image(Image.new("RGB", (8, 8)), "samples", step)
+    resumed.close()
+    names = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert [sum(f"+step+{step}+" in name for name in names) for step in (10, 20, 30)] == [2, 2, 2]  # png + webp each
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("http://mlflow.example:5000/", "http://mlflow.example:5000/#/experiments/7/runs/abc"),
+    ("sqlite:////p/mlflow.db", "abc in sqlite:////p/mlflow.db; browse it: mlflow ui --backend-store-uri "
+                               "sqlite:////p/mlflow.db, then http://127.0.0.1:5000/#/experiments/7/runs/abc"),
+])
+def test_a_runs_location_is_its_page_or_the_command_that_serves_it(uri, expected):
+    assert run_location(uri, "7", "abc") == expected

@@ -20,7 +20,7 @@ from genflow.eval.features import load_extractor
 from genflow.models.protocol import Batch, GenerativeModel
 from genflow.models.vae import VAE
 from genflow.train import loop
-from genflow.train.loop import InMemoryBatches, ShardBatches, batches_from, derived_seed, validation_fd
+from genflow.train.loop import InMemoryBatches, ShardBatches, batches_from, derived_seed, progress_line, validation_fd
 from genflow.train.step import Optimization, gather_batch, lr_lambda, optimisation_step
 from tests.models.tiny import TINY_CONFIGS
 
@@ -220,3 +220,9 @@ def test_validation_fd_does_not_depend_on_the_number_of_ranks(two_ranks):
     alone = validation_fd(tiny_vae(), validation_images(), torch.device("cpu"), seed=0)
     assert two_ranks[0]["fd"] == two_ranks[1]["fd"]
     assert two_ranks[0]["fd"]["val/fd_effnet"] == pytest.approx(alone["val/fd_effnet"], rel=1e-4)  # other processes: float32 sums in another order
+
+
+@pytest.mark.parametrize("eta, shown", [(7.4, "ETA 7s"), (78, "ETA 1m18s"), (3 * 3600 + 125, "ETA 3h02m")])
+def test_the_progress_line_says_step_loss_speed_and_eta(eta, shown):
+    line = progress_line("vae", 120, 300, "loss", torch.tensor(0.53214), 2310.4, eta)
+    assert line == f"vae step 120/300 (40%)  loss 0.5321  2,310 images/s  {shown}"

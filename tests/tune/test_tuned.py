@@ -1,0 +1,64 @@
+"""The one rule for tuned params: params.yaml, then tuned/FAMILY.yaml, then the command's own
+flags and -S, which win; --no-tuned leaves the file out; an absent file changes nothing."""
+
+import pytest
+import yaml
+
+from genflow.config import ParamsError
+from genflow.tune.report import output_paths, write_outputs
+from genflow.tune.tuned import family_params
+from tests.tune.test_space import fake_result
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.0005, "max_steps": 50}}))
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned/vae.yaml").write_text(yaml.safe_dump(
+        {"train": {"lr": 0.002, "weight_decay": 0.01}, "models": {"vae": {"latent_dim": 16, "kl": {"kind": "linear"}}}}))
+    return tmp_path
+
+
+def test_the_tuned_file_sits_between_params_yaml_and_the_commands_own_overrides(project):
+    params, tuned = family_params("vae", None, ["train.lr=0.003", "train.max_steps=7"])
+    assert params.train.lr == 0.003  # -S wins over the tuned file
+    assert params.train.weight_decay == 0.01 and params.train.max_steps == 7
+    config = params.family_config("vae")
+    assert config.latent_dim == 16 and config.kl.kind == "linear"
+    assert tuned.overridden == ["train.lr"]
+    line = tuned.describe("train vae")
+    assert line.startswith("genflow: train vae: applying tuned/vae.yaml: ")
+    for shown in ("train.weight_decay=0.01", "models.vae.latent_dim=16", 'models.vae.kl.kind="linear"'):
+        assert shown in line
+    assert "train.lr=0.002" not in line and "your -S/flags set train.lr instead" in line and "--no-tuned" in line
+
+
+def test_a_section_override_wins_over_every_tuned_key_inside_it(project):
+    params, tuned = family_params("vae", None, ['models.vae={"latent_dim": 4}'])
+    assert params.family_config("vae").latent_dim == 4 and params.family_config("vae").kl.kind != "linear"
+    assert sorted(tuned.overridden) == ["models.vae.kl.kind", "models.vae.latent_dim"]
+
+
+def test_no_tuned_and_a_missing_file_leave_params_yaml_alone(project):
+    params, tuned = family_params("vae", None, [], use_tuned=False)
+    assert tuned is None and params.train.lr == 0.0005 and params.train.weight_decay == 0.0
+    params, tuned = family_params("ae", None, [])  # no tuned/ae.yaml
+    assert tuned is None and params.train.lr == 0.0005
+
+
+def test_a_bad_value_in_the_tuned_file_is_reported_as_the_files(project):
+    (project / "tuned/vae.yaml").write_text(yaml.safe_dump({"train": {"lr": -1}}))
+    with pytest.raises(ParamsError, match=r"train.lr: .* from tuned/vae.yaml"):
+        family_params("vae", None, [])
+
+
+def test_the_cli_and_the_dvc_stage_write_the_same_outputs(tmp_path):
+    # pipelines/tune.py and `genflow tune` both call write_outputs: the DVC stage's outs.
+    result = fake_result(tmp_path)
+    written = write_outputs(result, tmp_path)
+    assert written == output_paths("vae", tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
+        "tuned/vae.yaml", "plots/tune/vae.csv", "plots/tune/vae.png", "metrics/tune/vae.json"]
+    assert all(p.stat().st_size > 0 for p in written)
+    assert yaml.safe_load((tmp_path / "tuned/vae.yaml").read_text())["train"]["lr"] == 1e-3
