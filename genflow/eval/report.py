@@ -18,12 +18,12 @@ from genflow.eval.quality import parameter_count, sample_quality, training_image
 from genflow.images import image_grid
 from genflow.track import mlflow as tracking
 from genflow.track.identity import finished_training_run
-from genflow.track.pyfunc import MODEL_ARTIFACT
+from genflow.track.pyfunc import logged_model_id
 
 
 def load_trained_model(run_id: str):
     """The GenerativeModel inside a run's logged pyfunc."""
-    return mlflow.pyfunc.load_model(f"runs:/{run_id}/{MODEL_ARTIFACT}").unwrap_python_model().model
+    return mlflow.pyfunc.load_model(f"models:/{logged_model_id(run_id)}").unwrap_python_model().model
 
 
 def evaluate_family(family: str, params: Params, run_id: str | None = None) -> dict[str, float]:
@@ -52,8 +52,11 @@ def evaluate_family(family: str, params: Params, run_id: str | None = None) -> d
     client = mlflow.MlflowClient()
     run_id = run.info.run_id
     now = int(time.time() * 1000)
+    # Logged on the run and on the model it logged (MLflow 3's LoggedModel), whose page the registered
+    # version links to as its source model.
+    model_id = logged_model_id(run_id)
     tracking.with_retries(lambda: client.log_batch(run_id, metrics=[
-        mlflow.entities.Metric(f"test/{k}", float(v), now, 0) for k, v in metrics.items()]))
+        mlflow.entities.Metric(f"test/{k}", float(v), now, 0, model_id=model_id) for k, v in metrics.items()]))
     tracking.record_scoring(run_id, scored_on)
     n = params.evaluate.sample_n
     cond = torch.zeros(n, len(ATTRIBUTE_NAMES), device=device) if model.conditional else None

@@ -1,20 +1,15 @@
-"""The logged model: an MLflow pyfunc that turns (n, seed) into generated images.
+"""Logging the trained model as an MLflow pyfunc (the model `genflow register` registers).
 
-    model = mlflow.pyfunc.load_model("models:/celeba64-vae@staging")
-    images = model.predict(pd.DataFrame({"n": [16], "seed": [0]}))   # uint8 [16, 3, 64, 64]
-    model.predict(pd.DataFrame({"n": [16], "seed": [0], "sampler": ["ddim"], "steps": [50], "eta": [0.0]}))
-
-The optional columns `sampler`, `steps`, `eta` choose how families with sampler choices (ddpm)
-sample; absent or empty, the registered model's defaults apply.
-
-It carries the checkpoint's model.pt and genflow's own code (code_paths), so it loads wherever
-torch and mlflow are installed, without the training project.
+What the model does on load and predict is genflow/track/sampler.py; MLflow loads it from code
+(genflow/track/sampler_code.py, models-from-code) with genflow's package as code_paths and the
+checkpoint's model.pt (read with torch.load(weights_only=True)) as an artifact. No pickled Python
+object is logged, so the model loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false, and where
+genflow is not installed: in an environment built from the model's own requirements.txt.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -26,46 +21,41 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow.types.schema import Array
 
 import genflow
+from genflow.data.celeba import ATTRIBUTE_NAMES
+from genflow.models.families import get_family
+from genflow.track import mlflow as tracking
 
 MODEL_ARTIFACT = "model"  # name of the logged model inside the run
-# Keyword arguments of `sample` for families with sampler choices (genflow/models/protocol.py).
-SAMPLER_OPTIONS = ("sampler", "steps", "eta")
+MODEL_CODE = Path(__file__).with_name("sampler_code.py")
+
+# The distributions the model imports when MLflow loads it and predicts: mlflow's client
+# (mlflow-skinny: the `mlflow` package without the tracking server's dependencies), the code in
+# sampler.py, genflow.models.saved and the family modules (genflow.config: pydantic, yaml; vae, ae:
+# torchmetrics; gan: genflow.data.celeba, pyarrow), and pandas, which the input arrives in.
+# tests/track/test_pyfunc.py loads every family in a fresh interpreter and checks this list against
+# what it imported (neither short nor padded).
+LOAD_REQUIREMENTS = ("mlflow-skinny", "torch", "numpy", "pandas", "pydantic", "pyyaml", "torchmetrics", "pyarrow")
 
 
-def sampler_options(model, **given) -> dict:
-    """The sampler options a request gives (None or NaN: not given), checked against what the
-    model's `sample` takes: an option the family does not have is an error, not ignored."""
-    given = {key: value for key, value in given.items()
-             if value is not None and not (isinstance(value, float) and math.isnan(value))}
-    accepted = inspect.signature(model.sample).parameters
-    refused = [key for key in given if key not in accepted]
-    if refused:
-        choices = [key for key in SAMPLER_OPTIONS if key in accepted]
-        raise ValueError(f"{type(model).__name__} samples without {', '.join(refused)}: "
-                         f"it takes {', '.join(choices) if choices else 'no sampler options'}; leave them out")
-    casts = {"sampler": str, "steps": int, "eta": float}  # pandas holds them as numpy scalars
-    return {key: casts[key](value) for key, value in given.items()}
+def pinned_requirements() -> list[str]:
+    """LOAD_REQUIREMENTS pinned to the versions installed here, without local build labels
+    (torch 2.13.0+cpu is pinned as torch==2.13.0: a GPU machine installs its own build)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in LOAD_REQUIREMENTS]
 
 
-class GenerativeSampler(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        from genflow.models.saved import load_model
-
-        self.model = load_model(context.artifacts["checkpoint"])
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        """One row per request: `n` images drawn with `seed`; the rows' images are concatenated.
-        An optional `attrs` column (a list of 40 0/1 values) conditions conditional families;
-        optional `sampler`, `steps`, `eta` columns choose the sampler where the family has one."""
-        images = []
-        for row in model_input.to_dict("records"):
-            generator = torch.Generator().manual_seed(int(row["seed"]))
-            cond = None
-            if isinstance(row.get("attrs"), (list, np.ndarray)):  # absent: None or NaN
-                cond = torch.tensor(row["attrs"], dtype=torch.float32).expand(int(row["n"]), -1)
-            options = sampler_options(self.model, **{key: row.get(key) for key in SAMPLER_OPTIONS})
-            images.append(self.model.sample(int(row["n"]), cond=cond, generator=generator, **options).numpy())
-        return np.concatenate(images)
+def logged_model_id(run_id: str) -> str:
+    """The id of the model (MLflow 3's LoggedModel) that training run `run_id` logged; the newest,
+    should a resumed run have logged another. Evaluation scores it and logs its test metrics on it;
+    registration registers it."""
+    client = mlflow.MlflowClient()
+    experiment_id = tracking.with_retries(lambda: client.get_run(run_id)).info.experiment_id
+    found = tracking.with_retries(lambda: client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"name = '{MODEL_ARTIFACT}' AND source_run_id = '{run_id}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1))
+    if not found:
+        raise FileNotFoundError(f"run {run_id} logged no model {MODEL_ARTIFACT!r}: it did not finish training; "
+                                "run `genflow train` again")
+    return found[0].model_id
 
 
 def signature(image_size: int) -> ModelSignature:
@@ -79,23 +69,29 @@ def signature(image_size: int) -> ModelSignature:
     )
 
 
+def input_example(checkpoint_model_file: str | Path) -> pd.DataFrame:
+    """Two images with seed 0, and for a conditional family the attributes each image needs (the
+    model file names its family; mmap reads that without reading the weights)."""
+    family = torch.load(checkpoint_model_file, map_location="cpu", weights_only=True, mmap=True)["family"]
+    example = {"n": [2], "seed": [0]}
+    if get_family(family).conditional:
+        example["attrs"] = [[0.0] * len(ATTRIBUTE_NAMES)]
+    return pd.DataFrame(example)
+
+
+def model_spec(checkpoint_model_file: str | Path, image_size: int) -> dict:
+    """The arguments of mlflow.pyfunc.log_model (or save_model) that make the model of a model file."""
+    return dict(
+        python_model=str(MODEL_CODE),
+        artifacts={"checkpoint": str(checkpoint_model_file)},
+        code_paths=[str(Path(genflow.__file__).parent)],
+        signature=signature(image_size),
+        input_example=input_example(checkpoint_model_file),
+        # Named, not inferred: inference loads the model in a subprocess at every training run's end.
+        pip_requirements=pinned_requirements(),
+    )
+
+
 def log_sampler(checkpoint_model_file: str | Path, image_size: int):
     """Log the trained model into the active run; returns MLflow's ModelInfo."""
-    genflow_code = str(Path(genflow.__file__).parent)
-    return mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT,
-        python_model=GenerativeSampler(),
-        artifacts={"checkpoint": str(checkpoint_model_file)},
-        code_paths=[genflow_code],
-        signature=signature(image_size),
-        input_example=pd.DataFrame({"n": [2], "seed": [0]}),
-        # Named explicitly: inferring them would import and probe the whole environment.
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-            "numpy",
-            "pandas",
-            "pydantic>=2",
-            "pyyaml",
-        ],
-    )
+    return mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, **model_spec(checkpoint_model_file, image_size))

@@ -28,7 +28,8 @@ from genflow.images import save_grid
 from genflow.models.families import REGISTERED_PREFIX, family_of_registered, get_family, registered_name
 from genflow.track import mlflow as tracking
 from genflow.track.identity import finished_training_run
-from genflow.track.pyfunc import MODEL_ARTIFACT, sampler_options
+from genflow.track.pyfunc import logged_model_id
+from genflow.track.sampler import sampler_options
 
 PRIMARY_METRIC_TAG = "genflow.primary_metric"
 
@@ -56,11 +57,14 @@ def register_family(family: str, params: Params, run_id: str | None = None):
         raise FileNotFoundError(f"run {run.info.run_id} has no test/{metric}: run `genflow evaluate {family}` first")
     name = registered_name(family)
     client = MlflowClient()
+    model_id = logged_model_id(run.info.run_id)
+    if f"test/{metric}" not in {m.key for m in tracking.with_retries(lambda: client.get_logged_model(model_id)).metrics or []}:
+        raise FileNotFoundError(f"the model run {run.info.run_id} logged carries no test metrics (evaluated before genflow "
+                                f"logged them on the model): run `genflow evaluate {family}` again")
     try:
         tracking.with_retries(lambda: client.get_registered_model(name))
     except MlflowException:
-        tracking.with_retries(lambda: client.create_registered_model(
-            name, description=f"{family} trained on CelebA 64x64 by genflow. Aliases: candidate, staging, production."))
+        tracking.with_retries(lambda: client.create_registered_model(name))
     scored_on = tracking.scoring_of(run.data.tags)
     if not scored_on:
         raise FileNotFoundError(f"run {run.info.run_id} does not record what it was scored on: run `genflow evaluate {family}` again")
@@ -68,7 +72,7 @@ def register_family(family: str, params: Params, run_id: str | None = None):
                        **{tracking.SCORED_TAG_PREFIX + k: v for k, v in scored_on.items()}}
     version = _version_of_run(client, name, run.info.run_id)
     if version is None:
-        version = mlflow.register_model(f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}", name, tags=evaluation_tags)
+        version = mlflow.register_model(f"models:/{model_id}", name, tags=evaluation_tags)
     else:
         print(f"{name} version {version.version} already holds run {run.info.run_id}: no new version; its test "
               "metrics and card are brought up to the run's latest evaluation", file=sys.stderr)
@@ -77,6 +81,7 @@ def register_family(family: str, params: Params, run_id: str | None = None):
                                                               f"{metric} ({'lower' if lower_is_better else 'higher'} is better)"))
     tracking.with_retries(lambda: client.update_model_version(name, version.version, description=model_card(family, run, test_metrics)))
     tracking.with_retries(lambda: client.set_registered_model_alias(name, "candidate", version.version))
+    tracking.with_retries(lambda: client.update_registered_model(name, description=registered_model_description(family)))
     return version
 
 
@@ -96,11 +101,33 @@ def _replace_evaluation_tags(client: MlflowClient, version, tags: dict[str, str]
         tracking.with_retries(lambda: client.set_model_version_tag(version.name, version.version, key, value))
 
 
+def trained_on(data_source: str | None) -> str:
+    """What a run's `genflow.data_source` tag (written by `genflow train`) says it was trained on."""
+    return {"sample": "the **synthetic sample** (not CelebA)",
+            "celeba": "CelebA, aligned, 148x148 centre crop resized to 64x64"}.get(data_source or "", "data not recorded")
+
+
+def registered_model_description(family: str) -> str:
+    """The registered model's description: what its versions were trained on, each version's run read
+    anew (versions of one model may come from different data)."""
+    name = registered_name(family)
+    client = MlflowClient()
+    versions = tracking.with_retries(lambda: client.search_model_versions(f"name = '{name}'"))
+    by_data: dict[str, list[int]] = {}
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        tags = tracking.with_retries(lambda: client.get_run(version.run_id)).data.tags if version.run_id else {}
+        by_data.setdefault(trained_on(tags.get("genflow.data_source")), []).append(int(version.version))
+    trained = "; ".join(f"{'version' if len(numbers) == 1 else 'versions'} {', '.join(map(str, numbers))} on {data}"
+                        for data, numbers in by_data.items())
+    return (f"{family}: a generative model of 64x64 face images, trained by genflow. Trained: {trained}. "
+            "Each version's description is its model card (data, test metrics, params). "
+            "Aliases: candidate, staging, production.")
+
+
 def model_card(family: str, run, test_metrics: dict[str, float]) -> str:
     """The version's description: what a reader of the MLflow UI needs to judge the model."""
     tags, params = run.data.tags, run.data.params
-    source = tags.get("genflow.data_source", "?")
-    data_line = "the **synthetic sample** (not CelebA)" if source == "sample" else "CelebA, aligned, 148x148 centre crop resized to 64x64"
+    data_line = trained_on(tags.get("genflow.data_source"))
     metric, lower = _primary(family)
     lines = [
         f"## {registered_name(family)}",

@@ -8,7 +8,7 @@ from genflow.data.loader import dataset_digest
 from genflow.eval.report import evaluate_family
 from genflow.models.saved import save_model
 from genflow.track import mlflow as tracking
-from genflow.track.pyfunc import log_sampler
+from genflow.track.pyfunc import log_sampler, logged_model_id
 from genflow.track.identity import run_key
 from tests.eval.test_quality import tiny_vae
 from tests.models.tiny import tiny_overrides
@@ -38,6 +38,10 @@ def test_evaluate_reports_sample_quality_into_the_training_run(tmp_path, eval_sh
     assert metrics["train_images_per_s"] == 200.0  # the median of the run's windows
     logged = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     assert logged["test/fd_effnet"] == metrics["fd_effnet"] and logged["test/fd_effnet_n"] == 6
+    # ...and on the model the run logged (MLflow 3's LoggedModel: what a registered version shows).
+    on_model = mlflow.MlflowClient().get_logged_model(logged_model_id(run.info.run_id)).metrics
+    test_metrics = {key: value for key, value in logged.items() if key.startswith("test/")}
+    assert {m.key: m.value for m in on_model if m.key.startswith("test/")} == test_metrics
 
     # genflow report on top: the row, the run's sample grid and the VAE's latent pictures, logged.
     import json

@@ -101,6 +101,19 @@ def another_version(client) -> "mlflow.entities.model_registry.ModelVersion":
                                  tags={k: v for k, v in first.tags.items() if k.startswith(("test.", "genflow.scored."))})
 
 
+def test_test_metrics_are_metrics_of_the_registered_model_and_its_description_names_the_data(registered):
+    # Issue 13: MLflow 3 shows a version's metrics on its source model (the LoggedModel the run
+    # logged), and the registered model's description said "CelebA" of a model trained on the sample.
+    client = mlflow.MlflowClient()
+    stored = client.get_model_version("celeba64-vae", "1")
+    assert stored.source.startswith("models:/m-")
+    on_model = {m.key: m.value for m in client.get_logged_model(stored.source.removeprefix("models:/")).metrics}
+    on_run = {k: v for k, v in client.get_run(stored.run_id).data.metrics.items() if k.startswith("test/")}
+    assert on_run and {k: on_model.get(k) for k in on_run} == on_run
+    description = client.get_registered_model("celeba64-vae").description
+    assert "version 1 on the **synthetic sample** (not CelebA)" in description, description
+
+
 def test_registered_pyfunc_loads_and_samples(registered):
     model = mlflow.pyfunc.load_model("models:/celeba64-vae@candidate")
     images = model.predict(pd.DataFrame({"n": [3], "seed": [0]}))
@@ -175,3 +188,22 @@ def test_unreachable_tracking_server_is_a_clear_error():
 
     with pytest.raises(TrackingError, match="http://127.0.0.1:9 is unreachable"):
         configure(TrackingParams(uri="http://127.0.0.1:9"))
+
+
+def test_registered_model_description_groups_versions_by_the_data_they_were_trained_on(tmp_path):
+    from genflow.track.registry import registered_model_description
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        client = mlflow.MlflowClient()
+        client.create_registered_model("celeba64-vae")
+        for source in ("sample", "sample", "celeba", None):
+            run = client.create_run(client.create_experiment(f"e{source}-{len(client.search_experiments())}"),
+                                    tags={"genflow.data_source": source} if source else {})
+            client.create_model_version("celeba64-vae", (tmp_path / "model").as_uri(), run_id=run.info.run_id)
+        description = registered_model_description("vae")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert ("Trained: versions 1, 2 on the **synthetic sample** (not CelebA); "
+            "version 3 on CelebA, aligned, 148x148 centre crop resized to 64x64; version 4 on data not recorded.") in description
