@@ -11,7 +11,7 @@ missing) and takes `-S key=value` overrides of any params key, as `dvc exp run -
     genflow sample celeba64-vae@staging --n 64 --out grid.png
     genflow sample celeba64-ddpm@staging --n 64 --out grid.png --sampler ddim --steps 50 --eta 0
     genflow tune vae --trials 8              the winner -> tuned/vae.yaml, which every vae command
-                                             (train, evaluate, register, sample) applies unless --no-tuned
+                                             (train, evaluate, register) applies unless --no-tuned
     genflow fid samples/ data/shards:test [--extractor imagenet|celeba|inception] [--n N]
     genflow report
     genflow submit --address http://HEAD:8265 -- train vae --workers 8 --gpu
@@ -20,6 +20,7 @@ missing) and takes `-S key=value` overrides of any params key, as `dvc exp run -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import sys
 from pathlib import Path
@@ -56,7 +57,20 @@ def _family_params(args: argparse.Namespace, family: str, flags: dict[str, str] 
                                   use_tuned=not args.no_tuned)
     if tuned is not None:
         print(tuned.describe(f"{args.command} {family}"), file=sys.stderr)
+    args.tuned_applied = tuned is not None
     return params
+
+
+@contextlib.contextmanager
+def _run_lookup_hint(args: argparse.Namespace):
+    """When the params (tuned file included) name no finished run, say that the tuned file was part of them."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        if not getattr(args, "tuned_applied", False) or args.run or "no finished training run" not in str(err):
+            raise
+        raise FileNotFoundError(f"{err}\n(tuned/{args.family}.yaml was applied, as every family command applies it; "
+                                "`--no-tuned` looks for the runs trained without it)") from None
 
 
 def _evaluate_on_the_runs_data(args: argparse.Namespace, params: Params) -> None:
@@ -79,18 +93,6 @@ def _evaluate_on_the_runs_data(args: argparse.Namespace, params: Params) -> None
     else:
         print(f"genflow: evaluate {args.family}: run {args.run} trained on data.shards={trained_on}, which is not "
               f"here; evaluating on data.shards={params.data.shards}", file=sys.stderr)
-
-
-def _sample_params(args: argparse.Namespace) -> Params:
-    """The params of `sample`: the model's family's tuned file applies too (genflow models are
-    named celeba64-FAMILY); a name that is not a genflow model's is sample_grid's to refuse."""
-    from genflow.models.families import family_of_registered
-
-    try:
-        family = family_of_registered(args.model.partition("@")[0].partition("/")[0])
-    except ValueError:
-        return _params(args)
-    return _family_params(args, family)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -135,13 +137,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     params = _family_params(args, args.family)
     if args.run:
         _evaluate_on_the_runs_data(args, params)
-    evaluate_family(args.family, params, args.run)
+    with _run_lookup_hint(args):
+        evaluate_family(args.family, params, args.run)
 
 
 def cmd_register(args: argparse.Namespace) -> None:
     from genflow.track.registry import register_family
 
-    version = register_family(args.family, _family_params(args, args.family), args.run)
+    params = _family_params(args, args.family)
+    with _run_lookup_hint(args):
+        version = register_family(args.family, params, args.run)
     print(f"registered {version.name} version {version.version} (alias candidate)")
 
 
@@ -163,7 +168,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise ParamsError(f"--n {args.n}: the number of images must be at least 1")
-    sample_grid(_sample_params(args), args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed,
+    sample_grid(_params(args), args.model, n=args.n, out=args.out, attrs=args.attr or [], seed=args.seed,
                 sampler=args.sampler, steps=args.steps, eta=args.eta)
     print(f"wrote {args.out}")
 
@@ -277,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="recorded on the version")
     p.set_defaults(func=cmd_registry_promote)
 
-    p = sub.add_parser("sample", help="write a grid of samples from a registered model", parents=[common, tuned])
+    # No tuned params: a registered model samples with what it was trained and registered with.
+    p = sub.add_parser("sample", help="write a grid of samples from a registered model", parents=[common])
     p.add_argument("model", help="NAME@ALIAS or NAME/VERSION")
     p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
     p.add_argument("--out", required=True, help="the PNG file to write")

@@ -56,7 +56,7 @@ PLACES = {
     "train": ("data.shards", "train.storage_path", "tracking.uri"),
     "tune": ("data.shards", "train.storage_path", "tracking.uri"),
     "evaluate": ("data.shards", "tracking.uri"),
-    "register": ("tracking.uri",),
+    "register": ("data.shards", "tracking.uri"),  # finds its run by the data's digest
     "registry": ("tracking.uri",),
     "sample": ("tracking.uri",),
     "report": ("tracking.uri",),

@@ -106,7 +106,7 @@ def test_relative_places_are_refused_before_the_cluster_is_contacted(project):
     (["train", "vae", *SHARED[:2]], "train.storage_path=ray_results, tracking.uri"),
     (["tune", "vae", *SHARED, "-S", "tracking.uri=mlruns"], "tracking.uri=mlruns: relative"),
     (["evaluate", "vae", "-S", "tracking.uri=http://mlflow:5000"], "data.shards=data/shards: relative"),
-    (["register", "vae"], "tracking.uri=sqlite:///mlflow.db: relative"),
+    (["register", "vae"], "data.shards=data/shards, tracking.uri=sqlite:///mlflow.db: relative"),
     (["data", "prepare"], "data.source=data/sample, data.shards=data/shards: relative"),  # "sample" is data.sample.dir
     (["data", "prepare", "--source", "/celeba", "--out", "shards"], "data.shards=shards: relative"),
     (["data", "synth", "out", "--n", "4"], "OUT=out: relative"),

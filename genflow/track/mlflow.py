@@ -155,11 +155,24 @@ def run_location(uri: str, experiment_id: str, run_id: str) -> str:
     """Where to look at a run: its page on a tracking server, or (a local store) the command that
     serves one, and the page's address there."""
     page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    uri = without_credentials(uri)
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     if uri.startswith(("sqlite:", "file:", "/", "./", "../", "postgresql", "mysql")):
         return f"{run_id} in {uri}; browse it: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
     return f"{run_id} in {uri}"
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` less any user:password@ (a postgresql:// store's, a server's): printed lines end up in
+    job logs that others read."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def record_scoring(run_id: str, scored_on: dict[str, Any]) -> None:

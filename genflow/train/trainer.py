@@ -28,6 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from genflow._telemetry import TELEMETRY_OFF
 from genflow.config import Params, RayParams, flatten
+from genflow.data.loader import read_stats
 from genflow.models.families import get_family
 from genflow.models.saved import MODEL_FILE
 from genflow.provenance import provenance_tags
@@ -154,7 +155,7 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
         if not resuming:
             mlflow.set_tags({tracking.FAMILY_TAG: family, tracking.RUN_KEY_TAG: key, tracking.RAY_RUN_TAG: name,
                              IDENTITY_TAG: json.dumps(identity, sort_keys=True),
-                             "genflow.data_source": "sample" if params.data.is_sample() else "celeba",
+                             "genflow.data_source": data_source(shards if batch_source is None else None, params),
                              **provenance_tags()})
             mlflow.log_params(flatten({"model": params.family_config(family), "train": params.train, "data": params.data}))
             if batch_source is None:
@@ -222,11 +223,24 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: Path, trac
     )
 
 
+def data_source(shards: Path | None, params: Params) -> str:
+    """"sample" or "celeba": what the shards were prepared from, as their stats.json records it
+    (data.source may name something else than what prepared the shards training reads); without
+    shards (in-memory batches), what the params say."""
+    if shards is not None:
+        recorded = read_stats(shards).get("source", {}).get("is_sample")
+        if recorded is not None:
+            return "sample" if recorded else "celeba"
+    return "sample" if params.data.is_sample() else "celeba"
+
+
 def log_dataset(shards: Path, params: Params, digest: str) -> None:
     """Record which shards trained the model (MLflow's dataset tracking)."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
-    source = "sample (synthetic, not CelebA)" if params.data.is_sample() else str(params.data.source_path().resolve())
+    prepared_from = read_stats(shards).get("source", {})
+    source = ("sample (synthetic, not CelebA)" if data_source(shards, params) == "sample"
+              else str(prepared_from.get("path") or params.data.source_path().resolve()))
     dataset = MetaDataset(LocalArtifactDatasetSource(str(shards)), name=f"celeba64 [{source}]", digest=digest[:36])
     mlflow.log_input(dataset, context="training", tags={"source": source})

@@ -111,3 +111,11 @@ def test_grids_are_step_keyed_images_and_progress_lines_print_in_order(run, caps
 ])
 def test_a_runs_location_is_its_page_or_the_command_that_serves_it(uri, expected):
     assert run_location(uri, "7", "abc") == expected
+
+
+def test_printed_run_locations_carry_no_credentials():
+    from genflow.track.mlflow import run_location
+
+    shown = run_location("https://alice:s3cret@mlflow.example:5000", "1", "abc")
+    assert shown == "https://mlflow.example:5000/#/experiments/1/runs/abc"
+    assert "s3cret" not in run_location("postgresql://bob:pw@db/mlflow", "1", "abc")
