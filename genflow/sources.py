@@ -86,16 +86,26 @@ def imported_modules(entry: str, root: Path = PROJECT_ROOT, string_imports: bool
 
 
 def code_digest(modules: Iterable[str], root: Path = PROJECT_ROOT) -> str:
-    """sha256 over the modules' names and tokens: an edited comment or blank line keeps it, any
-    change to the code changes it. Tokens, not the AST, so that every Python version agrees."""
+    """sha256 over the modules' names and tokens: an edited comment, docstring or blank line keeps
+    it, any change to the code changes it. Tokens, not the AST, so that every Python version agrees."""
     digest = hashlib.sha256()
     for name in sorted(modules):
         digest.update(f"\0{name}\0".encode())
         with open(module_file(name, root), "rb") as source:
+            statement: list[tokenize.TokenInfo] = []
             for token in tokenize.tokenize(source.readline):
                 if token.type in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING):
                     continue
-                digest.update(("\n" if token.type == tokenize.NEWLINE else token.string).encode() + b"\0")
+                if token.type in (tokenize.INDENT, tokenize.DEDENT):  # structure: always counted
+                    digest.update(token.string.encode() + b"\0")
+                    continue
+                statement.append(token)
+                if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+                    # A statement that is a lone string (a docstring) computes nothing.
+                    if not (len(statement) == 2 and statement[0].type == tokenize.STRING):
+                        for part in statement:
+                            digest.update(("\n" if part.type == tokenize.NEWLINE else part.string).encode() + b"\0")
+                    statement = []
     return digest.hexdigest()
 
 

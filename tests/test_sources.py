@@ -49,3 +49,19 @@ def test_a_changed_model_file_changes_that_familys_training_code_only(tmp_path):
     vae.write_text(vae.read_text() + "\nEDITED = True\n")
     training_code.cache_clear()
     assert training_code("vae", tmp_path) != before["vae"] and training_code("dcgan", tmp_path) == before["dcgan"]
+
+
+def test_docstrings_do_not_change_the_digest_but_statements_do(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    module = package / "m.py"
+
+    def digest(text: str) -> str:
+        module.write_text(text)
+        return code_digest(["pkg.m"], tmp_path)
+
+    plain = digest('"""Module."""\n\ndef f(x):\n    """Twice x."""\n    return 2 * x\n')
+    assert digest('"""Another module text."""\n\ndef f(x):\n    """Doubles x."""\n    return 2 * x\n') == plain
+    assert digest('"""Module."""\n\ndef f(x):\n    """Twice x."""\n    return 3 * x\n') != plain
+    assert digest('"""Module."""\n\ndef f(x):\n    """Twice x."""\n    y = "a string in code"\n    return 2 * x\n') != plain

@@ -35,8 +35,9 @@ OPERATIONAL_KEYS = {"cpus_per_worker", "max_failures", "log_every", "checkpoint_
 
 IDENTITY_TAG = "genflow.run_identity"
 
-# The module whose import graph trains every family (the driver, the worker loop, the loader...).
-TRAINING_ENTRY = "genflow.train.trainer"
+# The module whose import graph computes every family's training (the worker loop, its step, the
+# loader...): not the driver's plumbing (tracking, messages), whose edits must not retrain anything.
+TRAINING_ENTRY = "genflow.train.loop"
 
 
 def identity_train_keys() -> list[str]:
