@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from genflow.config import load_params
@@ -43,3 +45,19 @@ def ray_local():
     ensure_ray(RayParams())
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_with_its_test():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which genflow's params then obey: a test
+    that sets it (by hand or through code) would move every later test's runs to its store."""
+    from mlflow.tracking._tracking_service import utils
+
+    before_uri, before_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if utils._tracking_uri != before_uri:
+        utils.set_tracking_uri(before_uri)  # None unsets the variable too
+    if before_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before_env

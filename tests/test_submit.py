@@ -15,6 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -259,7 +260,20 @@ def ray_head():
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        _kill_the_clusters_leftovers(token["RAY_AUTH_TOKEN"])
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_the_clusters_leftovers(token: str) -> None:
+    """Ray's workers and job drivers can outlive `ray start --block` (other process groups): a
+    job's training left running would take the CPUs, and the RayTrainWorker processes that later
+    tests look for. Each of this cluster's processes holds its own token in its environment."""
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get("RAY_AUTH_TOKEN") == token:
+                process.kill()
+        except psutil.Error:
+            pass
 
 
 def genflow(env: dict[str, str], *argv: str, background: bool = False):
