@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genflow.config import load_params  # noqa: E402
 from genflow.models.families import FAMILY_NAMES, get_family  # noqa: E402
 from genflow.models.protocol import Batch  # noqa: E402
+from genflow.models.vae import IMAGE_SIZE  # noqa: E402
 from genflow.train.step import Optimization, ddp_options, optimisation_step  # noqa: E402
 
 # The papers' sizes where params.yaml's (sized for 2 CPU cores) would leave a GPU idle.
@@ -91,18 +92,11 @@ def build(family: str, args, device: torch.device, seed: int = 0):
 def make_batch(n: int, model, device: torch.device, channels_last: bool) -> Batch:
     low, high = model.image_range
     # k/255 pixels, as the loader gives (pixelcnn recovers the integers from them).
-    pixels = torch.randint(0, 256, (n, 3, args_size(), args_size()), device=device).float() / 255
+    pixels = torch.randint(0, 256, (n, 3, IMAGE_SIZE, IMAGE_SIZE), device=device).float() / 255
     images = pixels * (high - low) + low
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return Batch(images, torch.randint(0, 2, (n, 40), device=device).float())
-
-
-_SIZE = [64]
-
-
-def args_size() -> int:
-    return _SIZE[0]
 
 
 def train_speed(family: str, args, device: torch.device, bf16: bool, channels_last: bool, compile: bool) -> dict:
@@ -267,7 +261,7 @@ def section_evaluation(args, device, report) -> None:
             size = min(args.eval_batch, n - start)
             # smooth random images (a blurred noise field), not white noise: a plausible spread of features
             small = torch.rand(size, 3, 8, 8, generator=generator)
-            yield (torch.nn.functional.interpolate(small, size=args_size(), mode="bilinear") * 255).to(torch.uint8)
+            yield (torch.nn.functional.interpolate(small, size=IMAGE_SIZE, mode="bilinear") * 255).to(torch.uint8)
 
     times = StreamTimes()
     real = SavedStats.of(stream_features(extractor, list(stand_in_images(1)), keep=params.evaluate.keep_features, times=times))

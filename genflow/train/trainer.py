@@ -240,7 +240,7 @@ def log_dataset(shards: Path, params: Params, digest: str) -> None:
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     prepared_from = read_stats(shards).get("source", {})
-    source = ("sample (synthetic, not CelebA)" if data_source(shards, params) == "sample"
-              else str(prepared_from.get("path") or params.data.source_path().resolve()))
+    is_sample = prepared_from.get("is_sample", params.data.is_sample())
+    source = "sample (synthetic, not CelebA)" if is_sample else str(prepared_from.get("path") or params.data.source_path().resolve())
     dataset = MetaDataset(LocalArtifactDatasetSource(str(shards)), name=f"celeba64 [{source}]", digest=digest[:36])
     mlflow.log_input(dataset, context="training", tags={"source": source})
