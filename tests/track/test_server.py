@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import configparser
 import contextlib
 import json
 import os
@@ -20,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,21 +95,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`mlflow server` with basic auth: its own auth config and user database (never ~'s), the
-    admin's password from the environment, as infra/ gives it; stopped with its workers at the end."""
+    """`mlflow server` with basic auth: infra/mlflow's auth config with its own admin and user
+    database (SQLite here, never the default in ~), the admin's password from the environment as
+    infra/ gives it; stopped with its workers at the end."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    config = root / "basic_auth.ini"
-    config.write_text(textwrap.dedent(f"""\
-        [mlflow]
-        default_permission = READ
-        database_uri = sqlite:///{root}/basic_auth.db
-        admin_username = {ADMIN}
-        authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-        auth_cache_ttl_seconds = 60
-        """))
+    config = configparser.ConfigParser()
+    config.read(PROJECT / "infra/mlflow/basic_auth.ini")
+    config["mlflow"].update(database_uri=f"sqlite:///{root}/basic_auth.db", admin_username=ADMIN)
+    with (root / "basic_auth.ini").open("w") as ini:
+        config.write(ini)
     password = secrets.token_urlsafe(18)
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_TRACKING_")}
-    env.update(TELEMETRY_OFF, MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=password,
+    env.update(TELEMETRY_OFF, MLFLOW_AUTH_CONFIG_PATH=str(root / "basic_auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD=password,
                MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # the GenAI job runner: not used here
     port = _free_port()
