@@ -276,6 +276,7 @@ def test_a_wrong_or_missing_login_is_one_clear_line_and_writes_nothing(server, p
     fix = ("refused the login of user 'genflow-admin' (HTTP 401): check MLFLOW_TRACKING_PASSWORD" if password
            else "requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     for argv in (["registry", "list"], ["registry", "promote", MODEL, "1", "--to", "production"],
+                 ["evaluate", "vae", "--no-tuned"], ["register", "vae", "--no-tuned"],
                  ["sample", f"{MODEL}@staging", "--n", "4", "--out", str(out)],
                  ["train", "vae", "--no-tuned", "-S", f"train.storage_path={storage}", "-S", "train.max_steps=5"]):
         done = genflow([*argv, "--params", str(params_file)], capsys)
