@@ -332,7 +332,10 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from genflow.submit import SubmitError
-    from genflow.track.mlflow import TrackingError
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from genflow.track.mlflow import TrackingError, login_error
     from genflow.train.interrupt import TrainingInterrupted, sigterm_as_keyboard_interrupt
 
     args = build_parser().parse_args(argv)
@@ -343,6 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         # Expected failures (bad params, missing data, refused promotion) end with one clear
         # line, not a traceback; anything else is a bug and keeps its traceback.
         print(f"genflow: error: {err}", file=sys.stderr)
+        return 2
+    except MlflowException as err:
+        # A tracking server's refusal after the login checked out (HTTP 403: another user's model) is
+        # one line too; any other MLflow error keeps its traceback.
+        refusal = login_error(mlflow.get_tracking_uri(), err)
+        if refusal is None:
+            raise
+        print(f"genflow: error: {refusal}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -145,11 +145,12 @@ def test_commands_in_the_headers_are_valid(relative):
 def test_mlflow_server_uses_postgres_and_proxied_s3_artifacts():
     services = load("mlflow/docker-compose.yml")[0]["services"]
     command = services["mlflow"]["command"]
-    assert "--backend-store-uri postgresql://" in command and "@postgres:5432/" in command
+    assert "--backend-store-uri postgresql:///mlflow" in command  # host and login: libpq's PG* variables
+    assert services["mlflow"]["environment"]["PGHOST"] == "postgres"
     assert "--artifacts-destination s3://" in command and "--serve-artifacts" in command
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     # One server version everywhere, of the major version the clients run.
-    (pinned,) = re.findall(r'"mlflow==([\d.]+)"', (INFRA / "mlflow/Dockerfile").read_text())
+    (pinned,) = re.findall(r'"mlflow(?:\[auth\])?==([\d.]+)"', (INFRA / "mlflow/Dockerfile").read_text())
     (server,) = pod_containers(by_kind("k8s/mlflow.yaml", "Deployment")["spec"])
     assert services["mlflow"]["image"].endswith(f":{pinned}") and server["image"].endswith(f":{pinned}")
     assert pinned.split(".")[0] == version("mlflow").split(".")[0]
@@ -162,3 +163,70 @@ def test_docker_context_keeps_what_the_image_copies():
         if line.startswith("COPY "):
             copied.update(arg.rstrip("/") for arg in line.split()[1:-1] if not arg.startswith("--"))
     assert copied and copied <= allowed, copied - allowed
+
+
+INFRA_FILES = sorted(path for path in INFRA.rglob("*") if path.is_file())
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY\b")
+
+
+def test_the_mlflow_server_requires_a_login():
+    """Basic auth on in both deployments (issue 13: anyone reaching :5000 could move aliases)."""
+    import configparser
+
+    compose = load("mlflow/docker-compose.yml")[0]["services"]["mlflow"]
+    assert compose["command"].startswith("mlflow server --app-name basic-auth")
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"):
+        assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", compose["environment"][name]), name  # required, no default
+    (server,) = pod_containers(by_kind("k8s/mlflow.yaml", "Deployment")["spec"])
+    assert "--app-name=basic-auth" in server["args"] and {"secretRef": {"name": "mlflow-stores"}} in server["envFrom"]
+    dockerfile = (INFRA / "mlflow/Dockerfile").read_text()
+    assert '"mlflow[auth]==' in dockerfile  # Flask-WTF: the auth app refuses to start without it
+    assert "COPY basic_auth.ini /etc/mlflow/basic_auth.ini" in dockerfile
+    assert "MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini" in dockerfile
+    config = configparser.ConfigParser()
+    config.read(INFRA / "mlflow/basic_auth.ini")
+    auth = config["mlflow"]
+    assert "admin_password" not in auth and auth["authorization_function"].endswith(":authenticate_request_basic_auth")
+    assert auth["database_uri"] == "postgresql:///mlflow_auth"  # its login from libpq's PG* variables
+    assert "CREATE DATABASE mlflow_auth" in (INFRA / "mlflow/initdb/auth-db.sql").read_text()
+
+
+@pytest.mark.parametrize("path", INFRA_FILES, ids=lambda p: str(p.relative_to(INFRA)))
+def test_no_secret_in_a_uri_or_a_committed_default(path):
+    text = path.read_text()
+    assert not re.search(r"\w+://[^/\s:@]+:[^/\s@]+@", text), "a login in a URI: give it through the environment"
+    for name, default in re.findall(r"\$\{(\w+):-([^}]*)\}", text):
+        assert not SECRET_NAME.search(name), f"${{{name}}} defaults to {default!r}: require it with ${{{name}:?...}}"
+    for name, value in re.findall(r"^\s*-?\s*\{?name: (\w+), value: \"?([^\"}]*)", text, re.M):
+        assert not SECRET_NAME.search(name), f"{name}={value!r} in a committed file: take it from a Secret"
+
+
+def test_ray_clusters_use_token_authentication():
+    cluster = by_kind("k8s/raycluster.yaml", "RayCluster")
+    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "genflow-ray-token"}
+    job = by_kind("k8s/rayjob.yaml", "RayJob")["spec"]
+    assert job["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]  # that cluster's token
+    config = load("ray/cluster.yaml")[0]
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"] == {"~/.genflow/cluster.env": "~/.genflow/cluster.env"}
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("set -a && . ~/.genflow/cluster.env && set +a && ") for c in starts)
+    assert "RAY_AUTH_TOKEN" not in yaml.safe_dump(config)  # the token itself only in the secrets file
+
+
+def test_ray_workers_log_in_to_mlflow_from_a_secret():
+    for container in ray_containers():
+        login = {item["name"]: item for item in container["env"] if item["name"].startswith("MLFLOW_TRACKING_")}
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert login[name]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-login", "key": name}, container["name"]
+    comments = (INFRA / "ray/cluster.yaml").read_text()
+    assert "#   MLFLOW_TRACKING_USERNAME=" in comments and "#   MLFLOW_TRACKING_PASSWORD=" in comments
+
+
+def test_ray_up_pins_a_gpu_machine_image_named_with_its_region():
+    text = (INFRA / "ray/cluster.yaml").read_text()
+    config = load("ray/cluster.yaml")[0]
+    images = {t["node_config"].get("ImageId") for t in config["available_node_types"].values()}
+    assert len(images) == 1 and re.fullmatch(r"ami-[0-9a-f]{17}", images.pop() or "")
+    comment = re.search(r"((?:\s*#.*\n)+)\s*ImageId: ami-", text).group(1)  # the comment above the first id
+    assert "Deep Learning" in comment and "Nvidia Driver GPU AMI" in comment and config["provider"]["region"] in comment

@@ -16,11 +16,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import genflow  # noqa: F401  (telemetry off before mlflow loads)
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 from genflow.config import TrackingParams
 
@@ -51,9 +53,19 @@ def resolve_tracking_uri(tracking: TrackingParams) -> str:
     return uri
 
 
+# Where an MLflow client takes a tracking server's login from (also ~/.mlflow/credentials, [mlflow]
+# section, the same names in lower case); never the URI, which is printed, logged and passed to jobs.
+LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
 def _check_reachable(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
+    if urlsplit(uri).password is not None:
+        raise TrackingError(
+            f"the MLflow tracking URI {without_credentials(uri)} carries a password; it is printed, logged and passed "
+            "on to Ray jobs, where others read it. Give the server's URI alone and the login in "
+            f"{' and '.join(LOGIN_VARIABLES)}")
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
             pass
@@ -103,7 +115,13 @@ def configure(tracking: TrackingParams) -> str:
     else:
         os.environ["MLFLOW_TRACKING_URI"] = users_choice
     client = MlflowClient(uri)
-    experiment = with_retries(lambda: client.get_experiment_by_name(tracking.experiment))
+    try:  # the first call that a server with authentication checks the login of
+        experiment = with_retries(lambda: client.get_experiment_by_name(tracking.experiment))
+    except MlflowException as err:
+        refusal = login_error(uri, err)
+        if refusal is None:
+            raise
+        raise refusal from None
     if experiment is not None:
         return experiment.experiment_id
     # With a local database, artifacts go beside it (not into each worker's directory).
@@ -111,6 +129,27 @@ def configure(tracking: TrackingParams) -> str:
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     return with_retries(lambda: client.create_experiment(tracking.experiment, artifact_location=location))
+
+
+def login_error(uri: str, err: Exception) -> TrackingError | None:
+    """What to do about a tracking server's refusal (HTTP 401: no or a wrong login; 403: the user
+    may not do that), as one line naming the server; None for any other error."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    status = err.get_http_status_code() if isinstance(err, MlflowException) else None
+    server = without_credentials(uri)
+    username = read_mlflow_creds().username
+    if status == 401 and not (username or os.environ.get("MLFLOW_TRACKING_TOKEN")):
+        return TrackingError(f"the MLflow tracking server {server} requires a login: set {' and '.join(LOGIN_VARIABLES)} "
+                             "(the server's admin creates users; see infra/mlflow/README.md)")
+    if status == 401:
+        return TrackingError(f"the MLflow tracking server {server} refused the login of user {username!r} (HTTP 401): "
+                             f"check MLFLOW_TRACKING_PASSWORD (and MLFLOW_TRACKING_USERNAME)")
+    if status == 403:
+        who = f"user {username!r}" if username else "this login"
+        return TrackingError(f"the MLflow tracking server {server} refused {who} that request (HTTP 403, permission "
+                             f"denied): ask its admin for EDIT or MANAGE permission ({str(err).splitlines()[0]})")
+    return None
 
 
 def with_retries(action: Callable[[], T], attempts: int = 8) -> T:
@@ -166,8 +205,6 @@ def run_location(uri: str, experiment_id: str, run_id: str) -> str:
 def without_credentials(uri: str) -> str:
     """`uri` less any user:password@ (a postgresql:// store's, a server's): printed lines end up in
     job logs that others read."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(uri)
     if parts.username is None and parts.password is None:
         return uri

@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from typing import Any
 
 import mlflow
 import ray
+import ray._private.state  # the cluster config an autoscaler reports (trial_slots)
 import ray.cloudpickle
 import ray.train
 import ray.tune
@@ -271,17 +274,31 @@ def unfinished_trials(path: str, settings: SearchSettings) -> int:
 
 
 def trial_slots(params: Params, settings: SearchSettings) -> int:
-    """How many trials' Train workers the cluster holds at once (its CPUs, and GPUs if used)."""
-    resources = ray.cluster_resources()
+    """How many trials' Train workers the cluster holds at once (its CPUs, and GPUs if used).
+
+    The cluster's size is its largest where its autoscaler reports that (Ray's cluster config),
+    else what it has now. A cluster genflow connected to (not the local Ray it started) that holds no
+    trial now may be one that grows: the shipped clusters start their GPU groups at 0 nodes, and
+    the autoscaler adds one only when a trial's workers ask for it. Such a search runs one trial at
+    a time (tune.FAMILY.max_concurrent sets more); only a local Ray, which cannot grow, is refused.
+    """
     need = {"CPU": params.train.workers * settings.cpus_per_worker}
     if params.train.gpu:
         need["GPU"] = params.train.workers
+    largest = ray._private.state.state.get_max_resources_from_cluster_config()  # None: not reported
+    resources = largest or ray.cluster_resources()
     slots = min(math.floor(resources.get(name, 0) / amount) for name, amount in need.items())
-    if slots < 1:
-        have = {name: resources.get(name, 0) for name in need}
-        raise ValueError(f"a trial's Train workers need {need} but the Ray cluster has {have}; "
-                         "lower tune.FAMILY.cpus_per_worker (trials train with train.workers, as the final run does)")
-    return slots
+    if slots >= 1:
+        return slots
+    have = {name: resources.get(name, 0) for name in need}
+    if largest is None and (params.ray.address or os.environ.get("RAY_ADDRESS")):
+        print(f"genflow: tune: the Ray cluster has {have} now and a trial's Train workers need {need}: running one "
+              "trial at a time, for which its autoscaler adds nodes (a cluster that cannot grow keeps the trial "
+              f"waiting; see `ray status`). -S tune.FAMILY.max_concurrent=N runs N at once", file=sys.stderr)
+        return 1
+    what = "at most" if largest is not None else "(a local Ray, which cannot grow)"
+    raise ValueError(f"a trial's Train workers need {need} but the Ray cluster has {what} {have}; "
+                     "lower tune.FAMILY.cpus_per_worker (trials train with train.workers, as the final run does)")
 
 
 def search_name(family: str, params: Params, settings: SearchSettings, dataset_digest: str) -> str:

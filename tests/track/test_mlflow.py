@@ -119,3 +119,39 @@ def test_printed_run_locations_carry_no_credentials():
     shown = run_location("https://alice:s3cret@mlflow.example:5000", "1", "abc")
     assert shown == "https://mlflow.example:5000/#/experiments/1/runs/abc"
     assert "s3cret" not in run_location("postgresql://bob:pw@db/mlflow", "1", "abc")
+
+
+def test_a_password_in_a_server_uri_is_refused_before_any_request(monkeypatch):
+    from genflow.config import TrackingParams
+    from genflow.track.mlflow import configure
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:hunter2-secret@127.0.0.1:1")  # port 1: nothing answers
+    with pytest.raises(TrackingError, match=r"URI http://127\.0\.0\.1:1 carries a password") as refused:
+        configure(TrackingParams())
+    assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize("code,login,says", [
+    ("UNAUTHENTICATED", None, "requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+    ("UNAUTHENTICATED", "alice", "refused the login of user 'alice' (HTTP 401): check MLFLOW_TRACKING_PASSWORD"),
+    ("PERMISSION_DENIED", "alice", "refused user 'alice' that request (HTTP 403, permission denied): ask its admin"),
+    ("RESOURCE_DOES_NOT_EXIST", "alice", None),  # not a refusal: the caller's own error stands
+])
+def test_a_servers_refusal_says_what_to_set(code, login, says, monkeypatch, tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    from genflow.track.mlflow import login_error
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    if login:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", login)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-this-one")
+    error = login_error("http://mlflow.example:5000", MlflowException("refused", error_code=getattr(databricks_pb2, code)))
+    if says is None:
+        assert error is None
+    else:
+        assert str(error).startswith(f"the MLflow tracking server http://mlflow.example:5000 {says}")
+        assert "not-this-one" not in str(error)

@@ -251,3 +251,29 @@ def test_trial_runs_carry_the_drivers_provenance(tmp_path):
     runs = SearchRuns(f"sqlite:///{tmp_path}/mlflow.db", experiment, parent, "vae", "tune-vae-x", provenance)
     tags = runs.trial_run("trial_1", {"train.lr": 0.001}).data.tags
     assert {key: tags[key] for key in provenance} == provenance and tags[PARENT_TAG] == parent
+
+
+@pytest.mark.parametrize("case", ["autoscaler reports its largest", "a cluster joined", "a local Ray", "cannot ever fit"])
+def test_concurrency_default_waits_for_an_autoscaling_clusters_gpu_nodes(case, tiny_params, monkeypatch, capsys):
+    # Issue 13: on the shipped clusters (GPU groups at 0 nodes) `genflow tune -S train.gpu=true` failed
+    # before the autoscaler could add a GPU node: the default read the cluster as it was.
+    from genflow.tune.search import trial_slots
+    from genflow.tune.space import search_settings
+
+    params = tiny_params("train.gpu=true", "train.workers=2", "tune.vae.cpus_per_worker=2",
+                         f"tune.vae.space={json.dumps({'train.lr': SPACE['train.lr']})}",
+                         *(["ray.address=10.0.0.1:6379"] if case == "a cluster joined" else []))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    largest = {"autoscaler reports its largest": {"CPU": 8 + 4 * 16, "GPU": 4 * 4},
+               "cannot ever fit": {"CPU": 64, "GPU": 1}}.get(case)
+    monkeypatch.setattr(ray._private.state.state, "get_max_resources_from_cluster_config", lambda: largest)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "memory": 3e10})  # the CPU head alone
+    settings = search_settings(params, "vae")
+    if case == "autoscaler reports its largest":
+        assert trial_slots(params, settings) == 8  # 16 GPUs, 2 a trial
+    elif case == "a cluster joined":
+        assert trial_slots(params, settings) == 1
+        assert "running one trial at a time, for which its autoscaler adds nodes" in capsys.readouterr().err
+    else:
+        with pytest.raises(ValueError, match="a local Ray, which cannot grow" if case == "a local Ray" else "has at most"):
+            trial_slots(params, settings)
