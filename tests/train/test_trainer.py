@@ -237,3 +237,52 @@ def test_a_driver_inside_a_ray_job_leaves_the_jobs_env_vars_to_the_job(monkeypat
     assert without_job_env_vars(env) == {k: v for k, v in env.items() if k != "DO_NOT_TRACK"}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # a job without env vars
     assert without_job_env_vars(env) == env
+
+
+def weights_at(checkpoint: str, folder: Path) -> dict:
+    """The model weights of a checkpoint in a store, downloaded to `folder`."""
+    import pyarrow.fs
+
+    from genflow import storage
+
+    filesystem, path = storage.filesystem(checkpoint)
+    pyarrow.fs.copy_files(path, str(folder), source_filesystem=filesystem)
+    return load_model(folder).state_dict()
+
+
+def test_shards_checkpoints_and_artifacts_in_a_bucket_and_a_second_run_resumes_from_there(
+        ray_local, tiny_params, s3_bucket, tmp_path):
+    from genflow import storage
+    from genflow.config import DataParams
+    from genflow.data.shards import prepare
+    from genflow.data.synth import write_sample
+    from genflow.data.verify import verified_digest
+
+    write_sample(tmp_path / "sample", n=60, seed=2)
+    shards = f"{s3_bucket}/shards"
+    prepare(DataParams(source=str(tmp_path / "sample"), shards=shards, processes=1, shard_size=8))
+    # 38 training images (42 less 4 held out), batches of 8: 4 batches an epoch; checkpoints at steps 2 and 4.
+    common = ["train.workers=1", "train.max_steps=4", "train.checkpoint_every=2", "train.validation_batches=1",
+              f"data.shards={shards}", f"train.storage_path={s3_bucket}/ray",
+              f"tracking.artifact_location={s3_bucket}/mlartifacts"]
+    straight = train("vae", tiny_params(*common, "train.run_name=straight"))
+    # The first attempt crashes fetching step 3's batch (max_failures=0: the command fails), after
+    # its step-2 checkpoint reached the bucket.
+    crashing = tiny_params(*common, "train.run_name=crashed")
+    with pytest.raises(Exception, match="a worker crash, staged by the test"):
+        train("vae", crashing, batch_source=CrashOnce(shards, crashing.train, 0, 2, tmp_path / "crashed"),
+              dataset_digest=verified_digest(shards))
+    checkpoints = [name for name, _ in storage.listdir(f"{s3_bucket}/ray/crashed") if name.startswith("checkpoint_")]
+    assert len(checkpoints) == 1
+    # The same command again: Ray restores the run from the bucket, at step 2, into the same MLflow run.
+    resumed = train("vae", tiny_params(*common, "train.run_name=crashed"))
+    assert start_steps(resumed.mlflow_run_id) == [0, 2] and resumed.metrics["step"] == 4
+    assert resumed.checkpoint_path.startswith(f"{s3_bucket}/ray/crashed/checkpoint_")
+    # Bit-exact with the run that never stopped: the restored weights, optimizer state and data
+    # position were the checkpoint's.
+    a, b = weights_at(straight.checkpoint_path, tmp_path / "a"), weights_at(resumed.checkpoint_path, tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    run = mlflow.MlflowClient().get_run(resumed.mlflow_run_id)
+    assert run.info.artifact_uri == f"{s3_bucket}/mlartifacts/{run.info.run_id}/artifacts"
+    assert storage.listdir(run.info.artifact_uri)  # the sampler model and the grids, in the bucket
+    assert [dataset.dataset.source for dataset in run.inputs.dataset_inputs] == [f'{{"uri": "{shards}"}}']
