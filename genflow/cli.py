@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("prepare", help="CelebA -> 64x64 WebDataset shards", parents=[common])
     p.add_argument("--source", help="CelebA folder or zip, or 'sample' (default: data.source)")
-    p.add_argument("--out", help="shard folder (default: data.shards)")
+    p.add_argument("--out", help="shard folder, or a URI: s3://BUCKET/PREFIX, gs://... (default: data.shards)")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("train", help="train a family with Ray Train", parents=[common, tuned])

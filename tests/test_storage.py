@@ -11,7 +11,6 @@ import pyarrow.fs as pafs
 import pytest
 
 from genflow import storage
-from genflow.provenance import anchor_stores
 from genflow.storage import StorageError
 
 
@@ -36,18 +35,6 @@ def test_an_unknown_scheme_is_refused_naming_it(location):
 def test_a_uri_without_a_bucket_is_refused():
     with pytest.raises(StorageError, match="s3:///: names no bucket"):
         storage.resolved("s3:///")
-
-
-def test_uris_are_never_anchored_to_the_project(tmp_path, monkeypatch):
-    from genflow.config import load_params
-
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    params = anchor_stores(load_params(tmp_path / "none.yaml", [
-        "train.storage_path=s3://bucket/ray", "tracking.artifact_location=gs://bucket/mlflow"]))
-    assert params.train.storage_path == "s3://bucket/ray" and params.tracking.artifact_location == "gs://bucket/mlflow"
-    relative = anchor_stores(load_params(tmp_path / "none.yaml", ["tracking.artifact_location=mlartifacts"]))
-    assert relative.tracking.artifact_location == str(tmp_path / "mlartifacts") and relative.train.storage_path == str(
-        tmp_path / "ray_results")
 
 
 def test_files_round_trip_through_the_store(s3_bucket, tmp_path):

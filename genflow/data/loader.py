@@ -5,6 +5,9 @@
         for images, attrs in loader:  # float32 [B, 3, 64, 64] in image_range; float32 [B, 40] in {0, 1}
             ...
 
+The shards are a folder or an object-store URI (`s3://bucket/shards`, genflow/storage.py): each
+worker streams its shards front to back into the same tar reader, a file or an object alike.
+
 Splits: "train" (the prepared train split minus its validation tail), "validation" (the last
 `validation_count` images of the prepared train split, see genflow/data/split.py: what
 checkpoints and searches are scored on) and "test" (final evaluation only).
