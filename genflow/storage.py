@@ -48,9 +48,10 @@ _READ_BUFFER = 1 << 20
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-class StorageError(OSError):
+class StorageError(ValueError):
     """A location that cannot be used (an unknown scheme) or a store that refused (credentials,
-    bucket, endpoint); the message names the location and what to check."""
+    bucket, endpoint); the message names the location and what to check. A ValueError: what the
+    user set is wrong, and the CLI ends with the message alone."""
 
 
 def scheme(location: str) -> str | None:

@@ -62,7 +62,9 @@ def ensure_ray(ray_params: RayParams) -> None:
     if ray.is_initialized():
         return
     address = ray_params.address or os.environ.get("RAY_ADDRESS") or None
-    env = dict(TELEMETRY_OFF)
+    # The object store's settings (genflow/storage.py) reach every process of the job: Tune's
+    # trials open the Train storage and read the shards' stats themselves.
+    env = {**TELEMETRY_OFF, **stores.worker_env()}
     # Every worker is told where its cluster is. Ray's state API, which Train V2's placement-group
     # cleaner calls from a worker, otherwise looks for the cluster among the machine's processes
     # and fails when another Ray runs there: the placement group of a trial that Tune stops
