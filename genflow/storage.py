@@ -304,3 +304,12 @@ def why_absent(location: str | Path) -> str:
     """Why nothing is at `location`, for an error message: a store's missing bucket is named."""
     bucket = missing_bucket(location)
     return f"the store has no bucket {bucket!r}" if bucket else "nothing is there"
+
+
+def check_bucket(location: str | Path, what: str) -> None:
+    """Refuse a URI whose bucket the store does not have (or whose store refuses us) now, naming the
+    setting `what`, rather than after the work that was to be written there."""
+    bucket = missing_bucket(location)
+    if bucket:
+        raise StorageError(f"{what}={location}: the store has no bucket {bucket!r}; create it, or set {what} to "
+                           "another location")

@@ -140,6 +140,7 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
     key = identity_key(identity)
     name = params.train.run_name or f"{family}-{key}"
     storage = stores.resolved(params.train.storage_path)  # a folder or a URI (s3://, gs://)
+    stores.check_bucket(storage, "train.storage_path")
     run_dir = stores.join(storage, name)
 
     experiment_id = tracking.configure(params.tracking)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,11 +117,15 @@ class TrialSetup:
     runs: SearchRuns
     train_storage: str  # trial T's Train run (checkpoints) is TRAIN_STORAGE/T
     batch_source: BatchSource | None = None
+    # The driver's object-store settings (genflow.storage.worker_env): a trial opens TRAIN_STORAGE
+    # and the shards itself, in a process Ray may have started before they were set.
+    storage_env: dict[str, str] = field(default_factory=dict)
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One trial (Tune's function trainable): the trial's params, its child run, its TorchTrainer."""
     trial_id = ray.tune.get_context().get_trial_id()
+    os.environ.update(setup.storage_env)
     client = setup.runs.client()
     run_id = setup.runs.trial_run(trial_id, config).info.run_id
     params = trial_params(setup.base, setup.family, config)  # a bad combination fails this trial alone
@@ -210,6 +215,7 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
     base = trial_base(params, family, settings)
     name = search_name(family, params, settings, dataset_digest or "in-memory")
     storage = stores.resolved(params.train.storage_path)  # a folder or a URI (s3://, gs://)
+    stores.check_bucket(storage, "train.storage_path")
 
     experiment_id = tracking.configure(params.tracking)
     parent_run_id = parent_run(experiment_id, family, name, params, settings)
@@ -219,7 +225,7 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
     try:
         ensure_ray(params.ray)
         # A trial's Train run lives beside Tune's trial state, so that a restored trial resumes from it.
-        setup = TrialSetup(family, base, runs, stores.join(storage, name, "train"), batch_source)
+        setup = TrialSetup(family, base, runs, stores.join(storage, name, "train"), batch_source, stores.worker_env())
         tuner = _tuner(settings, params, setup, stores.join(storage, name))
         grid = tuner.fit()
         unfinished = unfinished_trials(grid.experiment_path, settings, stores.ray_storage(storage)[1])

@@ -286,3 +286,13 @@ def test_shards_checkpoints_and_artifacts_in_a_bucket_and_a_second_run_resumes_f
     assert run.info.artifact_uri == f"{s3_bucket}/mlartifacts/{run.info.run_id}/artifacts"
     assert storage.listdir(run.info.artifact_uri)  # the sampler model and the grids, in the bucket
     assert [dataset.dataset.source for dataset in run.inputs.dataset_inputs] == [f'{{"uri": "{shards}"}}']
+
+
+def test_a_storage_path_in_a_missing_bucket_is_refused_before_training(tiny_params, s3_bucket):
+    from genflow.storage import StorageError
+
+    missing = s3_bucket.replace("genflow-", "missing-")
+    images, attrs = data(16)
+    with pytest.raises(StorageError, match=rf"train.storage_path={missing}/ray: the store has no bucket"):
+        train("vae", tiny_params(f"train.storage_path={missing}/ray"), batch_source=InMemoryBatches(images, attrs, 8),
+              dataset_digest="missing")
