@@ -287,7 +287,10 @@ def remove_tree(location: str | Path) -> None:
     fs, path = filesystem(location)
     with _errors(str(location)):
         if fs.get_file_info(path).type == pafs.FileType.Directory:
-            fs.delete_dir(path)
+            if "/" in path:
+                fs.delete_dir(path)
+            else:  # a bucket's root: its objects go, the bucket stays
+                fs.delete_dir_contents(path)
 
 
 def missing_bucket(location: str | Path) -> str | None:

@@ -49,6 +49,9 @@ def test_files_round_trip_through_the_store(s3_bucket, tmp_path):
     assert storage.is_dir(location) and not storage.exists(f"{location}/nothing")
     storage.remove_tree(location)
     assert storage.listdir(location) == [] and not storage.exists(location)
+    storage.write_bytes(f"{s3_bucket}/a.txt", "at the root")
+    storage.remove_tree(s3_bucket)  # a bucket's root: emptied, the bucket kept
+    assert storage.listdir(s3_bucket) == [] and storage.missing_bucket(s3_bucket) is None
 
 
 def test_the_filesystem_ray_pickles_reaches_the_store_without_this_environment(s3_bucket):
