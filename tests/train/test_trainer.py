@@ -266,11 +266,11 @@ def test_shards_checkpoints_and_artifacts_in_a_bucket_and_a_second_run_resumes_f
               f"data.shards={shards}", f"train.storage_path={s3_bucket}/ray",
               f"tracking.artifact_location={s3_bucket}/mlartifacts"]
     straight = train("vae", tiny_params(*common, "train.run_name=straight"))
-    # The first attempt crashes fetching step 3's batch (max_failures=0: the command fails), after
+    # The first attempt crashes fetching step 4's batch (max_failures=0: the command fails), after
     # its step-2 checkpoint reached the bucket.
     crashing = tiny_params(*common, "train.run_name=crashed")
     with pytest.raises(Exception, match="a worker crash, staged by the test"):
-        train("vae", crashing, batch_source=CrashOnce(shards, crashing.train, 0, 2, tmp_path / "crashed"),
+        train("vae", crashing, batch_source=CrashOnce(shards, crashing.train, 0, 3, tmp_path / "crashed"),
               dataset_digest=verified_digest(shards))
     checkpoints = [name for name, _ in storage.listdir(f"{s3_bucket}/ray/crashed") if name.startswith("checkpoint_")]
     assert len(checkpoints) == 1
