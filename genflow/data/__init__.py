@@ -51,7 +51,7 @@ def published_in_order(out: str, last: str) -> Iterator[tuple[Path, Callable[[st
     first, so that from then on no reader takes the prefix for a finished output, then the rest of
     it; the block publishes its files as they are finished and `last` at the end. A failed block
     removes what it published: the prefix holds a whole output or none, never `last` over part of
-    one. Only one file is staged at a time, not the whole output.
+    one. A file stays staged only from when it is written until it is published.
     """
     storage.remove(storage.join(out, last))
     storage.remove_tree(out)
