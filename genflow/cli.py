@@ -76,6 +76,7 @@ def _run_lookup_hint(args: argparse.Namespace):
 def _evaluate_on_the_runs_data(args: argparse.Namespace, params: Params) -> None:
     """`evaluate --run RUN_ID`: score the run on the test split of the shards it trained on (its
     logged data.shards), unless -S data.shards names other data."""
+    from genflow import storage
     from genflow.config import parse_override
     from genflow.track import mlflow as tracking
     from genflow.track.identity import named_training_run
@@ -86,7 +87,7 @@ def _evaluate_on_the_runs_data(args: argparse.Namespace, params: Params) -> None
     trained_on = named_training_run(args.family, args.run).data.params.get("data.shards")
     if not trained_on or trained_on == params.data.shards:
         return
-    if Path(trained_on).is_dir():
+    if storage.is_dir(trained_on):
         params.data.shards = trained_on
         print(f"genflow: evaluate {args.family}: run {args.run} trained on data.shards={trained_on}: evaluating on "
               "its test split (-S data.shards=DIR for other data)", file=sys.stderr)
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("prepare", help="CelebA -> 64x64 WebDataset shards", parents=[common])
     p.add_argument("--source", help="CelebA folder or zip, or 'sample' (default: data.source)")
-    p.add_argument("--out", help="shard folder (default: data.shards)")
+    p.add_argument("--out", help="shard folder, or a URI: s3://BUCKET/PREFIX, gs://... (default: data.shards)")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("train", help="train a family with Ray Train", parents=[common, tuned])

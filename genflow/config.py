@@ -94,6 +94,9 @@ class TrainParams(StrictModel):
 class TrackingParams(StrictModel):
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "celeba64"
+    artifact_location: str = Field("", description="where a new experiment keeps its artifacts (models, grids): a folder, "
+                                   "or s3://BUCKET/PREFIX, gs://BUCKET/PREFIX; empty = beside a local database, else the "
+                                   "tracking server's default")
 
     def resolved_uri(self) -> str:
         # The environment wins, as MLflow users expect.

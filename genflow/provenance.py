@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from genflow.config import Params
+from genflow.storage import scheme
 
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 GIT_DIRTY_TAG = "genflow.git.dirty"
@@ -42,8 +43,9 @@ def project_root() -> Path | None:
 def anchored(path: str, what: str) -> str:
     """`path` made absolute against the DVC project when it is relative and DVC runs this stage;
     unchanged otherwise. Refuses a relative path in a temporary experiment copy that DVC_ROOT
-    does not lead out of (a DVC that does not set it for its executors)."""
-    if Path(path).is_absolute():
+    does not lead out of (a DVC that does not set it for its executors). A URI (s3://, gs://,
+    file://) names its own place: it is never anchored."""
+    if Path(path).is_absolute() or scheme(path):
         return path
     root = project_root()
     if root is not None and not _in_temp_copy(root.resolve()):
@@ -64,10 +66,12 @@ def _in_temp_copy(path: Path) -> bool:
 
 def anchor_stores(params: Params) -> Params:
     """`params` with the stores DVC does not track anchored to the project (see the module doc):
-    train.storage_path, and a local tracking store (a relative SQLite file or folder) named by
+    train.storage_path, tracking.artifact_location, and a local tracking store (a relative SQLite file or folder) named by
     tracking.uri or MLFLOW_TRACKING_URI (which wins, and is anchored in this process's environment)."""
     params = params.model_copy(deep=True)
     params.train.storage_path = anchored(params.train.storage_path, "train.storage_path")
+    if params.tracking.artifact_location:
+        params.tracking.artifact_location = anchored(params.tracking.artifact_location, "tracking.artifact_location")
     params.tracking.uri = _anchored_uri(params.tracking.uri, "tracking.uri")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         os.environ["MLFLOW_TRACKING_URI"] = _anchored_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")

@@ -21,7 +21,8 @@ every job would take minutes.
 
 The job cannot read or write this machine's files: shards and checkpoints go on a file system
 every node mounts (`-S data.shards=/mnt/genflow/shards -S train.storage_path=/mnt/genflow/ray_results`
-with infra/), runs to an MLflow tracking server (MLFLOW_TRACKING_URI=http://HOST:5000, which
+with infra/) or in an object store (`s3://BUCKET/shards`, `s3://BUCKET/ray_results`: genflow/storage.py;
+the nodes' own credentials are used), runs to an MLflow tracking server (MLFLOW_TRACKING_URI=http://HOST:5000, which
 is passed on to the job). A relative path there would name a folder in the job's throwaway copy
 of the project, so the command is checked here first (its arguments, its params, those paths)
 and refused before anything is uploaded.
@@ -221,7 +222,8 @@ def _refuse_relative(relative: dict[str, str]) -> None:
             f"{named}: relative, so on the cluster it names a place in the job's temporary copy of this project, "
             "which holds no data/ and is discarded with what is written there. Give places every node reaches: "
             "-S data.shards=/mnt/genflow/shards -S train.storage_path=/mnt/genflow/ray_results (a mount every node "
-            "shares, or an absolute path on a one-machine cluster) and a tracking server: "
+            "shares, or an absolute path on a one-machine cluster), or s3://BUCKET/shards and s3://BUCKET/ray_results, "
+            "and a tracking server: "
             "MLFLOW_TRACKING_URI=http://HOST:5000 (or -S tracking.uri=...); nothing was submitted")
 
 

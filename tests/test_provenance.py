@@ -104,3 +104,13 @@ def test_a_temp_experiment_writes_into_the_project_and_names_itself(tmp_path):
     assert ".dvc/tmp/exps" in recorded["cwd"]  # it ran in the throwaway copy...
     assert recorded[DVC_EXPERIMENT_TAG] == "probe-exp" and recorded[DVC_STAGE_TAG] == "probe"
     assert recorded[GIT_COMMIT_TAG] == git("rev-parse", "HEAD", cwd=tmp_path)  # ...from this baseline
+
+
+def test_uris_are_never_anchored_to_the_project(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    params = anchor_stores(load_params(tmp_path / "none.yaml", [
+        "train.storage_path=s3://bucket/ray", "tracking.artifact_location=gs://bucket/mlflow"]))
+    assert params.train.storage_path == "s3://bucket/ray" and params.tracking.artifact_location == "gs://bucket/mlflow"
+    relative = anchor_stores(load_params(tmp_path / "none.yaml", ["tracking.artifact_location=mlartifacts"]))
+    assert relative.tracking.artifact_location == str(tmp_path / "mlartifacts") and relative.train.storage_path == str(
+        tmp_path / "ray_results")

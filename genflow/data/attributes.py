@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from genflow import storage
 from genflow.data.celeba import ATTRIBUTE_NAMES
 
 MANIFEST_FILE = "manifest.parquet"
@@ -43,13 +44,14 @@ def parse_attribute_settings(items: list[str]) -> dict[str, int]:
 
 def training_attribute_table(shards: str | Path) -> torch.Tensor:
     """The 40 attributes of every training image, float [N, 40] of 0/1, from the manifest."""
-    path = Path(shards) / MANIFEST_FILE
-    if not path.is_file():
+    path = storage.join(shards, MANIFEST_FILE)  # a folder's or a URI's (genflow/storage.py)
+    if not storage.is_file(path):
         raise FileNotFoundError(
             f"{path} is missing: the attributes not named by --attr are drawn from the training images' "
             "manifest, which `genflow data prepare` writes there. Prepare the data on this machine, point "
             "data.shards (-S data.shards=DIR) at a prepared shard folder, or name all 40 attributes with --attr")
-    table = pq.read_table(path, columns=["split", *ATTRIBUTE_NAMES])
+    filesystem, inner = storage.filesystem(path)
+    table = pq.read_table(inner, filesystem=filesystem, columns=["split", *ATTRIBUTE_NAMES])
     table = table.filter(pc.equal(table["split"], "train"))
     if table.num_rows == 0:
         raise ValueError(f"{path} lists no training images to draw attributes from")

@@ -5,6 +5,9 @@
         for images, attrs in loader:  # float32 [B, 3, 64, 64] in image_range; float32 [B, 40] in {0, 1}
             ...
 
+The shards are a folder or an object-store URI (`s3://bucket/shards`, genflow/storage.py): each
+worker streams its shards front to back into the same tar reader, a file or an object alike.
+
 Splits: "train" (the prepared train split minus its validation tail), "validation" (the last
 `validation_count` images of the prepared train split, see genflow/data/split.py: what
 checkpoints and searches are scored on) and "test" (final evaluation only).
@@ -43,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import filters as wds_filters
 from webdataset.tariterators import group_by_keys
 
+from genflow import storage
 from genflow.data.celeba import ATTRIBUTE_NAMES
 from genflow.data.shards import ATTRS_EXT, ATTRS_NPY_HEADER, IMAGE_EXT, ppm_header
 from genflow.data.split import validation_count
@@ -52,16 +56,18 @@ _SHUFFLE_BUFFER = 1000  # samples (~12 KB each) each worker holds to mix its str
 
 
 def read_stats(shards: str | Path) -> dict:
-    """stats.json of a finished prepare; a clear error when the folder is not one."""
-    folder = Path(shards)
-    path = folder / "stats.json"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such shard folder; run `genflow data prepare` (data.shards)")
-    if not path.is_file():
+    """stats.json of a finished prepare (a folder or a URI, genflow/storage.py); a clear error
+    when the location is not one."""
+    folder = str(shards)
+    path = storage.join(folder, "stats.json")
+    if not storage.is_file(path):
+        if not storage.is_dir(folder):
+            raise FileNotFoundError(f"{folder}: no such shard folder ({storage.why_absent(folder)}); run "
+                                    "`genflow data prepare` (data.shards)")
         raise FileNotFoundError(
             f"{folder}: no stats.json, so not a finished `genflow data prepare` output (interrupted?); run it again"
         )
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
 
 
 def dataset_digest(shards: str | Path) -> str:
@@ -91,7 +97,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
-        folder = Path(shards)
+        folder = str(shards)
         stats = read_stats(folder)
         # (file, first sample, stop) pieces of shards, in the order prepare wrote them.
         pieces = split_pieces(folder, stats, split)
@@ -174,7 +180,7 @@ class ShardStream(IterableDataset):
         return torch.from_numpy(pixels), torch.from_numpy(attrs)
 
 
-def split_pieces(folder: Path, stats: dict, split: str) -> list[tuple[str, int, int]]:
+def split_pieces(folder: str, stats: dict, split: str) -> list[tuple[str, int, int]]:
     """The (shard file, first sample, stop) pieces that make up `split`, in written order; the
     shards are checked against stats.json first."""
     source = "train" if split in ("train", "validation") else split
@@ -182,8 +188,8 @@ def split_pieces(folder: Path, stats: dict, split: str) -> list[tuple[str, int, 
     if split not in ("train", "validation", "test") or not listed:
         raise ValueError(f"{folder}: no {split!r} shards (splits: train, validation, test); run `genflow data prepare`")
     for shard in listed:
-        path = folder / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+        path = storage.join(folder, shard["file"])
+        if storage.file_size(path) != shard["bytes"]:
             raise FileNotFoundError(f"{path}: missing or not the size stats.json records; run `genflow data prepare` again")
     total = sum(shard["count"] for shard in listed)
     # The validation set is the train split's tail (genflow/data/split.py); "train" is the rest.
@@ -193,7 +199,7 @@ def split_pieces(folder: Path, stats: dict, split: str) -> list[tuple[str, int, 
     for shard in listed:
         first, stop = max(begin - position, 0), min(end - position, shard["count"])
         if first < stop:
-            pieces.append((str(folder / shard["file"]), first, stop))
+            pieces.append((storage.join(folder, shard["file"]), first, stop))
         position += shard["count"]
     if not pieces:
         raise ValueError(f"{folder}: the {split!r} split is empty ({total} {source} images); prepare more images")

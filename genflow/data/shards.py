@@ -8,6 +8,11 @@
     {shards}/stats.json                      source, counts, how the squares were made, mean/std,
                                              shard sha256s, rejections
 
+{shards} is a folder or an object-store URI (`--out s3://bucket/shards`, genflow/storage.py). A
+folder is written beside and renamed into place; a URI, whose prefix cannot be renamed, gets each
+shard uploaded as it is finished and stats.json last (genflow.data.published_in_order): without
+stats.json a prefix is never read as shards.
+
 Images are stored as binary PPM: lossless like PNG, but decoding is a header check and a
 memory view, where a 64x64 PNG costs the loader over 100x more CPU (benchmarks/loader.py
 prints both). The price is size: 14 KB per sample in the tar, 2.9 GB for CelebA.
@@ -28,10 +33,11 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import sys
 import tarfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from multiprocessing import Pool
@@ -44,8 +50,9 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from genflow import storage
 from genflow.config import DataParams
-from genflow.data import replaced_atomically
+from genflow.data import published_in_order, replaced_atomically
 from genflow.data.celeba import ATTRIBUTE_NAMES, CelebA, ImageSource, Rejection, open_celeba
 from genflow.data.split import split_ids
 from genflow.data.squares import BadImage, SquareBatch, centre_box, plan_squares
@@ -90,15 +97,15 @@ def prepare(data: DataParams) -> dict:
     # split and never moves another image across (see split.py). The counts in stats.json are
     # of the kept images: floor(train_fraction * N) train only when nothing was rejected.
     train_names, test_names = split_ids(celeba.names, data.train_fraction, data.split_seed)
-    out = Path(data.shards).resolve()
+    out = storage.resolved(data.shards)
     print(check_replaceable(out, source_path), file=sys.stderr)
-    rejected_report = out.parent / f"{out.name}.rejected.json"
+    rejected_report = f"{out}.rejected.json"
 
-    with replaced_atomically(out) as tmp:
-        written = _write_splits(tmp, celeba, {"train": train_names, "test": test_names}, data)
+    with _output(out) as (tmp, publish):
+        written = _write_splits(tmp, celeba, {"train": train_names, "test": test_names}, data, publish)
         if len(written.rejected) > data.max_reject_fraction * celeba.n_images:
-            rejected_report.write_text(json.dumps([asdict(r) for r in written.rejected], indent=1) + "\n")
-            shutil.rmtree(out, ignore_errors=True)  # a previous output is no output for this source
+            storage.write_bytes(rejected_report, json.dumps([asdict(r) for r in written.rejected], indent=1) + "\n")
+            storage.remove_tree(out)  # a previous output is no output for this source
             examples = "".join(f"\n  {r.file}: {r.reason}" for r in written.rejected[:5])
             raise ValueError(
                 f"prepare {source_path}: {len(written.rejected)} of {celeba.n_images} images rejected "
@@ -108,44 +115,62 @@ def prepare(data: DataParams) -> dict:
             )
         stats = _stats(data, celeba, written, assigned={"train": len(train_names), "test": len(test_names)})
         pq.write_table(written.manifest, tmp / "manifest.parquet")
+        publish("manifest.parquet")
         # Written last: a folder without stats.json is never a finished output (loader.read_stats).
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-    rejected_report.unlink(missing_ok=True)
+        publish("stats.json")
+    storage.remove(rejected_report)
     counts = stats["counts"]
     print(
         f"prepared {out}: {counts['train']} train, {counts['test']} test, {counts['rejected']} rejected, "
-        f"{counts['converted']} converted (listed in {out / 'stats.json'})",
+        f"{counts['converted']} converted (listed in {storage.join(out, 'stats.json')})",
         file=sys.stderr,
     )
     return stats
 
 
-def check_replaceable(out: Path, source: Path) -> str:
-    """Refuse an output folder that prepare did not write; say what will happen to it.
+@contextmanager
+def _output(out: str) -> Iterator[tuple[Path, Callable[[str], None]]]:
+    """(folder to write in, publish(file)): a folder that replaces `out` at the end, where
+    publishing is nothing; or, for a URI, a staging folder whose files publish uploads."""
+    if storage.is_remote(out):
+        with published_in_order(out, last="stats.json") as staged:
+            yield staged
+    else:
+        with replaced_atomically(out) as tmp:
+            yield tmp, lambda file: None
+
+
+def check_replaceable(out: str, source: Path) -> str:
+    """Refuse an output folder (or URI prefix) that prepare did not write; say what will happen to it.
 
     Prepare replaces its output wholesale, so it may only replace its own earlier output: a
     folder holding prepare's files and nothing else (its stats.json is written last, so a
     folder with one is a finished output). Never the source, a folder containing it, or a
     folder with anything of the user's in it.
     """
-    out, source = out.resolve(), source.resolve()
     fix = "choose another --out (data.shards), e.g. data/shards"
-    if out == source or source.is_relative_to(out):
-        raise ValueError(f"prepare: the output {out} {'is' if out == source else 'contains'} the source {source}; "
-                         f"replacing it would delete the source; {fix}")
-    if not out.exists():
+    if not storage.is_remote(out):
+        out_path, source = Path(out).resolve(), source.resolve()
+        if out_path == source or source.is_relative_to(out_path):
+            raise ValueError(f"prepare: the output {out} {'is' if out_path == source else 'contains'} the source {source}; "
+                             f"replacing it would delete the source; {fix}")
+    if not storage.exists(out):
+        bucket = storage.missing_bucket(out)
+        if bucket:
+            raise ValueError(f"prepare: cannot write {out}: the store has no bucket {bucket!r}; create it, or {fix}")
         return f"prepare: writing {out}"
-    if not out.is_dir():
+    if not storage.is_dir(out):
         raise ValueError(f"prepare: the output {out} is a file, not a folder; {fix}")
-    entries = sorted(p.name for p in out.iterdir())
+    entries = storage.listdir(out)
     if not entries:
         return f"prepare: writing {out} (an empty folder)"
-    foreign = [name for name in entries if name not in _OUTPUT_NAMES]
+    foreign = [name for name, _ in entries if name not in _OUTPUT_NAMES]
     for split in SPLITS:
-        if (out / split).is_dir():
-            foreign += [f"{split}/{p.name}" for p in sorted((out / split).iterdir())
-                        if not (p.is_file() and _is_shard_name(p.name))]
-    if foreign or not (out / "stats.json").is_file():
+        if (split, True) in entries:
+            foreign += [f"{split}/{name}" for name, is_folder in storage.listdir(storage.join(out, split))
+                        if is_folder or not _is_shard_name(name)]
+    if foreign or not storage.is_file(storage.join(out, "stats.json")):
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         what = f"holds files prepare did not write ({shown})" if foreign else "is not a finished prepare output (no stats.json)"
         raise ValueError(f"prepare: the output {out} {what}; prepare replaces its output and never deletes "
@@ -189,8 +214,10 @@ class _ShardResult:
     histogram: np.ndarray | None  # int64 [3, 256]: per channel, the kept pixels' value counts
 
 
-def _write_splits(root: Path, celeba: CelebA, splits: dict[str, list[str]], data: DataParams) -> _Written:
-    """Write every split's shards in parallel, one shard per task; gather what was kept."""
+def _write_splits(root: Path, celeba: CelebA, splits: dict[str, list[str]], data: DataParams,
+                  publish: Callable[[str], None]) -> _Written:
+    """Write every split's shards in parallel, one shard per task, each published as it is done
+    (see _output); gather what was kept."""
     tasks = _shard_tasks(root, celeba, splits, data.shard_size)
     processes = min(data.processes or _usable_cores(), len(tasks))
     results: list[_ShardResult | None] = [None] * len(tasks)
@@ -198,6 +225,8 @@ def _write_splits(root: Path, celeba: CelebA, splits: dict[str, list[str]], data
         with _TaskMapper(processes, (celeba.source, root, data.crop, data.size)) as map_unordered:
             for index, result in map_unordered(_write_shard, tasks):
                 results[index] = result
+                if result.kept:  # a shard whose every image was rejected is left out (below)
+                    publish(tasks[index].file)
                 progress.update(len(tasks[index].names))
 
     # Gathered in task order, whatever order the processes finished in.

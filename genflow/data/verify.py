@@ -10,7 +10,9 @@ a corrupted shard is caught the first time it is seen, and an unchanged one cost
 A file written less than 2 s before it was hashed is hashed again next time (git's "racy"
 rule: a second write within the same mtime tick would leave size and mtime as they were).
 The dataset digest (the run key's data part, MLflow's dataset) is made from the hashes
-verified here, so a run names the data it read.
+verified here, so a run names the data it read. Shards in an object store (data.shards=s3://...)
+are checked the same way, by the object's size and modification time and a hash of its bytes,
+which are then read once through (genflow/storage.py).
 
 Cost (`python benchmarks/verify.py`, this project's 2-core machine while heavily shared, load
 ~40): the first check of 86 MB of shards (6,000 images) took 0.37 s, 236 MB/s, which is the
@@ -29,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from genflow import storage
 from genflow.data.loader import read_stats
 
 
@@ -46,36 +49,36 @@ def cache_file() -> Path:
 
 def verify_shards(shards: str | Path) -> dict[str, str]:
     """{file: sha256} of every shard in stats.json, each checked against the file on disk."""
-    folder = Path(shards).resolve()
+    folder = storage.resolved(shards)
     stats = read_stats(folder)
     listed = [shard for split in stats["shards"].values() for shard in split]
     problems, to_hash = [], []
     cache = _read_cache()
     for shard in listed:
-        path = folder / shard["file"]
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
+        path = storage.join(folder, shard["file"])
+        found = storage.stat(path)
+        if found is None:
             problems.append(f"{path}: missing")
             continue
-        if stat.st_size != shard["bytes"]:
-            problems.append(f"{path}: {stat.st_size} bytes, stats.json records {shard['bytes']} (truncated or replaced)")
+        size, mtime_ns = found
+        if size != shard["bytes"]:
+            problems.append(f"{path}: {size} bytes, stats.json records {shard['bytes']} (truncated or replaced)")
             continue
-        known = cache.get(str(path))
-        if not (known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns):
-            to_hash.append((path, stat))
+        known = cache.get(path)
+        if not (known and known["size"] == size and known["mtime_ns"] == mtime_ns):
+            to_hash.append((path, found))
     # hashlib releases the GIL on large reads: threads hash shards on every core.
     hashed = {}
     with ThreadPoolExecutor(min(len(to_hash), os.cpu_count() or 1) or 1) as pool:
-        for (path, stat), sha256 in zip(to_hash, pool.map(_sha256, (p for p, _ in to_hash))):
-            hashed[str(path)] = entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+        for (path, (size, mtime_ns)), sha256 in zip(to_hash, pool.map(_sha256, (p for p, _ in to_hash))):
+            hashed[path] = entry = {"size": size, "mtime_ns": mtime_ns, "sha256": sha256}
             # As git does with its index: a file modified within the last seconds may be
             # modified again within the same mtime tick, unseen; it is hashed again next time.
-            if time.time_ns() - stat.st_mtime_ns > _RACY_NS:
-                cache[str(path)] = entry
+            if time.time_ns() - mtime_ns > _RACY_NS:
+                cache[path] = entry
     for shard in listed:
-        path = folder / shard["file"]
-        known = hashed.get(str(path)) or cache.get(str(path))
+        path = storage.join(folder, shard["file"])
+        known = hashed.get(path) or cache.get(path)
         if known and known["sha256"] != shard["sha256"] and not any(p.startswith(f"{path}:") for p in problems):
             problems.append(f"{path}: content differs from the sha256 stats.json records (changed or corrupted after prepare)")
     if to_hash:
@@ -84,7 +87,7 @@ def verify_shards(shards: str | Path) -> dict[str, str]:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise ShardError(f"{folder}: {len(problems)} of {len(listed)} shards are not what prepare wrote:\n  {shown}\n"
                          "run `genflow data prepare` again (or `dvc checkout`/`dvc repro` where DVC tracks the shards)")
-    return {shard["file"]: (hashed.get(str(folder / shard["file"])) or cache[str(folder / shard["file"])])["sha256"]
+    return {shard["file"]: (hashed.get(storage.join(folder, shard["file"])) or cache[storage.join(folder, shard["file"])])["sha256"]
             for shard in listed}
 
 
@@ -94,9 +97,15 @@ def verified_digest(shards: str | Path) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+def _sha256(path: str) -> str:
+    if not storage.is_remote(path):
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with storage.open_input(path) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _read_cache() -> dict:
@@ -129,6 +138,6 @@ def check_batch_fits(shards: str | Path, batch_size: int, workers: int) -> None:
     if batch_size > per_worker:
         held_out = ShardStream(shards, "validation", batch_size).samples_per_rank
         raise ParamsError(f"train.batch_size={batch_size} (per worker) is more than the {per_worker} training images each of "
-                          f"{workers} worker(s) gets from {Path(shards)} ({sum(stream.counts)} training images: the train "
+                          f"{workers} worker(s) gets from {shards} ({sum(stream.counts)} training images: the train "
                           f"split minus its {held_out} validation images); lower train.batch_size to at most {per_worker} "
                           "(or train.workers), or prepare more data")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genflow import storage
 from genflow.config import Params
 from genflow.eval.distances import SavedStats, frechet_distance, kernel_distance, precision_recall
 from genflow.eval.features import Extractor, StreamTimes, load_extractor, stream_features
@@ -111,10 +112,10 @@ class Source:
             if not path.is_file():
                 raise FileNotFoundError(f"{text}: no such statistics file")
             return cls("stats", text)
-        folder, _, split = text.rpartition(":")
-        if folder and (Path(folder) / "stats.json").is_file():
+        folder, _, split = text.rpartition(":")  # a split name has no "/": s3://... is not DIR:SPLIT
+        if folder and "/" not in split and storage.is_file(storage.join(folder, "stats.json")):
             return cls("shards", folder, split)
-        if (path / "stats.json").is_file():
+        if storage.is_file(storage.join(text, "stats.json")):  # a folder's or a URI's (genflow/storage.py)
             return cls("shards", text)
         if path.is_dir():
             return cls("folder", text)

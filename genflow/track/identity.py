@@ -107,7 +107,7 @@ def finished_training_run(family: str, params: Params, run_id: str | None = None
     from genflow.data.loader import dataset_digest
 
     try:
-        digest = dataset_digest(Path(params.data.shards))
+        digest = dataset_digest(params.data.shards)
     except FileNotFoundError as missing:  # no data here: the runs are still worth listing (one may be --run)
         identity = run_identity(family, params, None)
         raise FileNotFoundError(f"{missing}\n" + describe_finished_runs(experiment_id, family, identity)) from None

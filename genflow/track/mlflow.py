@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import random
+import sys
 import threading
 import time
 import urllib.error
@@ -24,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from genflow import storage
 from genflow.config import TrackingParams
 
 T = TypeVar("T")
@@ -115,6 +117,7 @@ def configure(tracking: TrackingParams) -> str:
     else:
         os.environ["MLFLOW_TRACKING_URI"] = users_choice
     client = MlflowClient(uri)
+    chosen = artifact_location(tracking.artifact_location)
     try:  # the first call that a server with authentication checks the login of
         experiment = with_retries(lambda: client.get_experiment_by_name(tracking.experiment))
     except MlflowException as err:
@@ -123,10 +126,14 @@ def configure(tracking: TrackingParams) -> str:
             raise
         raise refusal from None
     if experiment is not None:
+        if chosen and experiment.artifact_location.rstrip("/") != chosen:
+            print(f"genflow: MLflow experiment {tracking.experiment!r} keeps its artifacts in {experiment.artifact_location} "
+                  f"(fixed when it was created); tracking.artifact_location={tracking.artifact_location} applies to a new "
+                  "experiment: set tracking.experiment to a new name to use it", file=sys.stderr)
         return experiment.experiment_id
     # With a local database, artifacts go beside it (not into each worker's directory).
-    location = None
-    if uri.startswith("sqlite:///"):
+    location = chosen or None
+    if location is None and uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     return with_retries(lambda: client.create_experiment(tracking.experiment, artifact_location=location))
 
@@ -150,6 +157,17 @@ def login_error(uri: str, err: Exception) -> TrackingError | None:
         return TrackingError(f"the MLflow tracking server {server} refused {who} that request (HTTP 403, permission "
                              f"denied): ask its admin for EDIT or MANAGE permission ({str(err).splitlines()[0]})")
     return None
+
+
+def artifact_location(location: str) -> str:
+    """tracking.artifact_location as MLflow takes it: a URI as it is (s3://, gs://: MLflow writes
+    there with boto3 / google-cloud-storage, MLFLOW_S3_ENDPOINT_URL or AWS_ENDPOINT_URL naming an
+    S3-compatible server), a folder as a file:// URI; "" for none. An unknown scheme is refused."""
+    if not location:
+        return ""
+    if storage.is_remote(location):
+        return storage.resolved(location)
+    return Path(storage.resolved(location)).as_uri()
 
 
 def with_retries(action: Callable[[], T], attempts: int = 8) -> T:

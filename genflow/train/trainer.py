@@ -26,6 +26,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from genflow import storage as stores
 from genflow._telemetry import TELEMETRY_OFF
 from genflow.config import Params, RayParams, flatten
 from genflow.data.loader import read_stats
@@ -61,7 +62,9 @@ def ensure_ray(ray_params: RayParams) -> None:
     if ray.is_initialized():
         return
     address = ray_params.address or os.environ.get("RAY_ADDRESS") or None
-    env = dict(TELEMETRY_OFF)
+    # The object store's settings (genflow/storage.py) reach every process of the job: Tune's
+    # trials open the Train storage and read the shards' stats themselves.
+    env = {**TELEMETRY_OFF, **stores.worker_env()}
     # Every worker is told where its cluster is. Ray's state API, which Train V2's placement-group
     # cleaner calls from a worker, otherwise looks for the cluster among the machine's processes
     # and fails when another Ray runs there: the placement group of a trial that Tune stops
@@ -126,7 +129,7 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
     validation_source, the held-out batches scored at checkpoints (none with a batch_source alone).
     """
     params.family_config(family)  # bad hyperparameters fail here, before Ray starts
-    shards = Path(params.data.shards).resolve()
+    shards = stores.resolved(params.data.shards)
     if batch_source is None:
         from genflow.data.loader import dataset_digest as shards_digest
         from genflow.data.verify import check_batch_fits
@@ -136,15 +139,18 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
     identity = run_identity(family, params, dataset_digest or "in-memory")
     key = identity_key(identity)
     name = params.train.run_name or f"{family}-{key}"
-    storage = Path(params.train.storage_path).resolve()
+    storage = stores.resolved(params.train.storage_path)  # a folder or a URI (s3://, gs://)
+    stores.check_bucket(storage, "train.storage_path")
+    run_dir = stores.join(storage, name)
 
     experiment_id = tracking.configure(params.tracking)
     tracking_uri = mlflow.get_tracking_uri()
-    if (storage / name).exists():
-        check_same_run(experiment_id, name, identity, storage / name)  # Ray would restore it, whatever the params
+    earlier = stores.exists(run_dir)
+    if earlier:
+        check_same_run(experiment_id, name, identity, run_dir)  # Ray would restore it, whatever the params
     # The MLflow run of this Ray run (its checkpoints are what Ray restores), found by the Ray run's
     # name: two names can share params, and the run key alone would reopen the other one's record.
-    previous = tracking.find_run_named(experiment_id, name) if (storage / name).exists() else None
+    previous = tracking.find_run_named(experiment_id, name) if earlier else None
     resuming = previous is not None
     with mlflow.start_run(run_id=previous.info.run_id if resuming else None, run_name=None if resuming else name,
                           experiment_id=experiment_id, log_system_metrics=True) as run:
@@ -185,10 +191,11 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
         with result.checkpoint.as_directory() as directory:
             log_sampler(Path(directory) / MODEL_FILE, params.data.size)
             mlflow.log_metrics({f"final/{k}": float(v) for k, v in result.metrics.items()})
-        return TrainResult(family, run.info.run_id, name, result.checkpoint.path, dict(result.metrics))
+        checkpoint = stores.in_ray_storage(result.checkpoint.path, storage)
+        return TrainResult(family, run.info.run_id, name, checkpoint, dict(result.metrics))
 
 
-def torch_trainer(family: str, params: Params, *, name: str, storage: Path, tracking_uri: str, mlflow_run_id: str,
+def torch_trainer(family: str, params: Params, *, name: str, storage: str, tracking_uri: str, mlflow_run_id: str,
                   batch_source: BatchSource | None = None, validation_source: BatchSource | None = None,
                   callbacks: list | None = None, progress: bool = False) -> TorchTrainer:
     """The Ray Train TorchTrainer of one run (used by `train`, which asks for rank 0's `progress`
@@ -198,13 +205,14 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: Path, trac
         model_class=get_family(family),
         model_config=params.family_config(family),
         train=params.train,
-        shards=str(Path(params.data.shards).resolve()),
+        shards=stores.resolved(params.data.shards),
         tracking_uri=tracking_uri,
         mlflow_run_id=mlflow_run_id,
         batch_source=batch_source,
         validation_source=validation_source,
         progress=progress,
     )
+    storage_path, storage_filesystem = stores.ray_storage(storage)
     return TorchTrainer(
         functools.partial(train_worker, worker),
         scaling_config=ray.train.ScalingConfig(
@@ -214,16 +222,18 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: Path, trac
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": {**TELEMETRY_OFF, **tracking.worker_env(tracking_uri)}},
+            # The store's credentials too: the workers read the shards and write the checkpoints.
+            worker_runtime_env={"env_vars": {**TELEMETRY_OFF, **tracking.worker_env(tracking_uri), **stores.worker_env()}},
             callbacks=callbacks,
         ),
     )
 
 
-def data_source(shards: Path | None, params: Params) -> str:
+def data_source(shards: str | None, params: Params) -> str:
     """"sample" or "celeba": what the shards were prepared from, as their stats.json records it
     (data.source may name something else than what prepared the shards training reads); without
     shards (in-memory batches), what the params say."""
@@ -234,13 +244,17 @@ def data_source(shards: Path | None, params: Params) -> str:
     return "sample" if params.data.is_sample() else "celeba"
 
 
-def log_dataset(shards: Path, params: Params, digest: str) -> None:
-    """Record which shards trained the model (MLflow's dataset tracking)."""
+def log_dataset(shards: str, params: Params, digest: str) -> None:
+    """Record which shards trained the model (MLflow's dataset tracking): a folder, or a URI."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     prepared_from = read_stats(shards).get("source", {})
     is_sample = prepared_from.get("is_sample", params.data.is_sample())
     source = "sample (synthetic, not CelebA)" if is_sample else str(prepared_from.get("path") or params.data.source_path().resolve())
-    dataset = MetaDataset(LocalArtifactDatasetSource(str(shards)), name=f"celeba64 [{source}]", digest=digest[:36])
+    # A URI's source by its scheme (S3ArtifactDatasetSource, ...); a folder's named as such (the
+    # registry would take it for two sources at once, and warn).
+    located = resolve_dataset_source(shards) if stores.is_remote(shards) else LocalArtifactDatasetSource(shards)
+    dataset = MetaDataset(located, name=f"celeba64 [{source}]", digest=digest[:36])
     mlflow.log_input(dataset, context="training", tags={"source": source})

@@ -46,6 +46,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from genflow import storage as stores
 from genflow.config import Params, ParamsError, flatten
 from genflow.provenance import provenance_tags
 from genflow.train.loop import BatchSource, NonFiniteLossError
@@ -118,22 +119,26 @@ class TrialSetup:
     runs: SearchRuns
     train_storage: str  # trial T's Train run (checkpoints) is TRAIN_STORAGE/T
     batch_source: BatchSource | None = None
+    # The driver's object-store settings (genflow.storage.worker_env): a trial opens TRAIN_STORAGE
+    # and the shards itself, in a process Ray may have started before they were set.
+    storage_env: dict[str, str] = field(default_factory=dict)
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One trial (Tune's function trainable): the trial's params, its child run, its TorchTrainer."""
     trial_id = ray.tune.get_context().get_trial_id()
+    os.environ.update(setup.storage_env)
     client = setup.runs.client()
     run_id = setup.runs.trial_run(trial_id, config).info.run_id
     params = trial_params(setup.base, setup.family, config)  # a bad combination fails this trial alone
     _log_params(client, run_id, flatten({"model": params.family_config(setup.family), "train": params.train,
                                          "data": params.data}))
-    finished = finished_train_run(Path(setup.train_storage) / trial_id, params.train.max_steps)
+    finished = finished_train_run(stores.join(setup.train_storage, trial_id), params.train.max_steps)
     if finished is not None:
         ray.tune.report(finished)
         return
     trainer = torch_trainer(
-        setup.family, params, name=trial_id, storage=Path(setup.train_storage),
+        setup.family, params, name=trial_id, storage=setup.train_storage,
         tracking_uri=setup.runs.tracking_uri, mlflow_run_id=run_id,
         batch_source=setup.batch_source, callbacks=[TuneReportCallback()],
     )
@@ -144,16 +149,16 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         raise NonFiniteLossError(f"{failure}; lower train.lr or set train.grad_clip")
 
 
-def finished_train_run(path: Path, max_steps: int) -> dict[str, Any] | None:
+def finished_train_run(path: str, max_steps: int) -> dict[str, Any] | None:
     """The last report of a trial's Train run that already reached max_steps, else None.
 
     A search interrupted after a trial's last checkpoint but before Tune received it restarts that
     trial: its Train run resumes at max_steps and reports nothing, so Tune gets the report from here.
     """
-    if not path.exists():
+    if not stores.exists(path):
         return None
     try:
-        previous = ray.train.Result.from_path(str(path))
+        previous = ray.train.Result.from_path(*stores.ray_storage(path))
     except RuntimeError:  # the run reported no checkpoint yet
         return None
     if previous.checkpoint is None or previous.metrics.get("step", 0) < max_steps:
@@ -208,10 +213,11 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
     if batch_source is None:
         from genflow.data.loader import dataset_digest as shards_digest
 
-        dataset_digest = shards_digest(Path(params.data.shards).resolve())
+        dataset_digest = shards_digest(stores.resolved(params.data.shards))
     base = trial_base(params, family, settings)
     name = search_name(family, params, settings, dataset_digest or "in-memory")
-    storage = Path(params.train.storage_path).resolve()
+    storage = stores.resolved(params.train.storage_path)  # a folder or a URI (s3://, gs://)
+    stores.check_bucket(storage, "train.storage_path")
 
     experiment_id = tracking.configure(params.tracking)
     parent_run_id = parent_run(experiment_id, family, name, params, settings)
@@ -221,13 +227,13 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
     try:
         ensure_ray(params.ray)
         # A trial's Train run lives beside Tune's trial state, so that a restored trial resumes from it.
-        setup = TrialSetup(family, base, runs, str(storage / name / "train"), batch_source)
-        tuner = _tuner(settings, params, setup, storage / name)
+        setup = TrialSetup(family, base, runs, stores.join(storage, name, "train"), batch_source, stores.worker_env())
+        tuner = _tuner(settings, params, setup, stores.join(storage, name))
         grid = tuner.fit()
-        unfinished = unfinished_trials(grid.experiment_path, settings)
+        unfinished = unfinished_trials(grid.experiment_path, settings, stores.ray_storage(storage)[1])
         if unfinished:
             raise SearchInterrupted(f"{family} search {name} was interrupted with {unfinished} trials unfinished; "
-                                    f"run the same command again to resume it from {storage / name}")
+                                    f"run the same command again to resume it from {stores.join(storage, name)}")
         result = summarize(grid, family, name, runs.parent_run_id, settings, params.train.max_steps)
         log_search(client, result)
         status = "FINISHED"
@@ -239,11 +245,13 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
         with_retries(lambda: client.set_terminated(runs.parent_run_id, status))
 
 
-def _tuner(settings: SearchSettings, params: Params, setup: TrialSetup, path: Path) -> ray.tune.Tuner:
+def _tuner(settings: SearchSettings, params: Params, setup: TrialSetup, location: str) -> ray.tune.Tuner:
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), DRIVER_RESOURCES)
-    if ray.tune.Tuner.can_restore(path):
+    path, filesystem = stores.ray_storage(location)  # filesystem: None for a local folder
+    if ray.tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         # Finished and failed trials stay as they were; unfinished ones resume from their Train checkpoints.
-        return ray.tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        return ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                      storage_filesystem=filesystem)
     searcher = OptunaSearch(SearchSpace(settings.space), metric=settings.metric, mode=settings.mode,
                             points_to_evaluate=settings.points_to_evaluate or None, seed=settings.seed)
     return ray.tune.Tuner(
@@ -257,18 +265,20 @@ def _tuner(settings: SearchSettings, params: Params, setup: TrialSetup, path: Pa
                                     grace_period=settings.grace_period, reduction_factor=settings.reduction_factor),
         ),
         run_config=ray.tune.RunConfig(
-            name=path.name,
-            storage_path=str(path.parent),
+            name=stores.name(path),
+            storage_path=path.rsplit("/", 1)[0],
+            storage_filesystem=filesystem,
             failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
             callbacks=[TrialRuns(setup.runs, settings.metric, params.train.max_steps)],
         ),
     )
 
 
-def unfinished_trials(path: str, settings: SearchSettings) -> int:
-    """Trials an interrupted search has left to run, as its saved state says. (After Ctrl+C Tune saves
-    the state, then stops the running trials and marks them terminated in memory, not on disk.)"""
-    trials = ray.tune.ExperimentAnalysis(path).trials
+def unfinished_trials(path: str, settings: SearchSettings, filesystem=None) -> int:
+    """Trials an interrupted search has left to run, as its saved state says (`path` in `filesystem`,
+    a store's, or a local folder). (After Ctrl+C Tune saves the state, then stops the running trials
+    and marks them terminated in memory, not on disk.)"""
+    trials = ray.tune.ExperimentAnalysis(path, storage_filesystem=filesystem).trials
     ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
     return settings.trials - ended
 

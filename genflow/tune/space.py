@@ -22,11 +22,11 @@ from __future__ import annotations
 import builtins
 import difflib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from genflow import storage
 from genflow.config import Params, ParamsError, StrictModel, apply_overrides, describe_validation_error, flatten
 from genflow.models.families import FAMILY_NAMES, get_family
 
@@ -257,8 +257,8 @@ def trial_base(params: Params, family: str, settings: SearchSettings) -> dict[st
     base = params.model_dump(mode="json")
     base["models"] = {family: params.family_config(family).model_dump(mode="json")}
     base["tune"] = {}
-    # Trials run in their own working directory: paths must not be relative.
-    base["data"]["shards"] = str(Path(params.data.shards).resolve())
+    # Trials run in their own working directory: paths must not be relative (a URI stays as it is).
+    base["data"]["shards"] = storage.resolved(params.data.shards)
     base["train"].update(cpus_per_worker=settings.cpus_per_worker, run_name="")
     if settings.metric == VALIDATION_FD:
         base["train"]["validation_fd"] = True  # the objective is scored at every checkpoint

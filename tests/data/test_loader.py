@@ -175,3 +175,44 @@ def test_dataset_digest_names_the_shard_contents(prepared, tmp_path):
     (copy / "stats.json").write_text(json.dumps(stats))
     with pytest.raises(ShardError, match="content differs from the sha256 stats.json records"):
         dataset_digest(copy)
+
+
+def copy_to(folder, location):
+    """Every file of a local shard folder, uploaded under `location` (a URI)."""
+    from genflow import storage
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        storage.upload(path, storage.join(location, str(path.relative_to(folder))))
+
+
+def test_a_bucket_streams_the_same_batches_as_a_local_copy(prepared, s3_bucket):
+    from genflow.data.attributes import training_attribute_table
+    from genflow.eval.fid import Source
+
+    remote = f"{s3_bucket}/shards"
+    copy_to(prepared, remote)
+    assert read_stats(remote) == read_stats(prepared) and dataset_digest(remote) == dataset_digest(prepared)
+    for local_batch, remote_batch in itertools.zip_longest(eval_loader(prepared, batch_size=16),
+                                                           eval_loader(remote, batch_size=16)):
+        assert all(torch.equal(a, b) for a, b in zip(local_batch, remote_batch))
+    # Rank 1 of 2 with a DataLoader worker (a forked process opening its own streams): only its
+    # own shards, the same samples in the same order as from the folder.
+    loaders = [train_loader(shards, batch_size=8, rank=1, world_size=2, num_workers=1, seed=5) for shards in (prepared, remote)]
+    local_epoch, remote_epoch = (list(loader) for loader in loaders)
+    assert len(remote_epoch) == len(local_epoch) > 0
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(local_epoch, remote_epoch))
+    assert torch.equal(training_attribute_table(remote), training_attribute_table(prepared))
+    assert (Source.parse(remote).kind, Source.parse(f"{remote}:train").split) == ("shards", "train")
+
+
+def test_a_missing_shard_in_a_bucket_is_named(prepared, s3_bucket):
+    from genflow import storage
+
+    remote = f"{s3_bucket}/shards"
+    copy_to(prepared, remote)
+    shard = storage.join(remote, read_stats(prepared)["shards"]["test"][0]["file"])
+    storage.remove(shard)
+    with pytest.raises(FileNotFoundError, match=rf"{shard}: missing or not the size stats.json records"):
+        eval_loader(remote, batch_size=16)
+    with pytest.raises(ShardError, match=rf"{shard}: missing"):
+        dataset_digest(remote)

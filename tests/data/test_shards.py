@@ -250,3 +250,56 @@ def test_prepare_replaces_its_own_output_and_says_so(tmp_path, prepare_into, cap
     with pytest.raises(ValueError, match=r"holds files prepare did not write \(train/notes.txt\)"):
         prepare_into(tmp_path / "s", tmp_path / "shards")
     assert (tmp_path / "shards" / "train" / "notes.txt").read_text() == "mine"
+
+
+def test_prepare_into_a_bucket_writes_what_it_writes_into_a_folder_and_stats_json_last(tmp_path, s3_bucket, prepare_into,
+                                                                                       monkeypatch):
+    from genflow import storage
+    from genflow.data.verify import verify_shards
+
+    write_sample(tmp_path / "sample", n=40, seed=1)
+    local = prepare_into(tmp_path / "sample", tmp_path / "shards", shard_size=8)
+    uploaded = []
+    upload = storage.upload
+    monkeypatch.setattr(storage, "upload", lambda file, location: uploaded.append(location) or upload(file, location))
+    remote = f"{s3_bucket}/shards"
+    stats = prepare_into(tmp_path / "sample", remote, shard_size=8)
+    assert stats["shards"] == local["shards"] and stats["counts"] == local["counts"]  # byte-identical shards
+    assert read_stats(remote) == stats and verify_shards(remote) == verify_shards(tmp_path / "shards")
+    assert uploaded[-2:] == [f"{remote}/manifest.parquet", f"{remote}/stats.json"] and len(uploaded) == 2 + sum(
+        len(split) for split in stats["shards"].values())
+    assert storage.listdir(remote) == [("manifest.parquet", False), ("stats.json", False), ("test", True), ("train", True)]
+    filesystem, path = storage.filesystem(f"{remote}/manifest.parquet")
+    assert pq.read_table(path, filesystem=filesystem).equals(pq.read_table(tmp_path / "shards" / "manifest.parquet"))
+
+
+def test_a_failed_prepare_leaves_no_dataset_under_the_uri(tmp_path, s3_bucket, prepare_into, monkeypatch):
+    from genflow import storage
+
+    write_sample(tmp_path / "sample", n=20, seed=1)
+    remote = f"{s3_bucket}/shards"
+    prepare_into(tmp_path / "sample", remote)
+    assert "replacing the earlier prepare output" in shards_module.check_replaceable(remote, tmp_path / "sample")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped after the shards were uploaded")
+
+    monkeypatch.setattr(shards_module, "_stats", fail)
+    with pytest.raises(RuntimeError, match="stopped after"):
+        prepare_into(tmp_path / "sample", remote)
+    assert storage.listdir(remote) == []  # neither the earlier output nor half of the new one
+    with pytest.raises(FileNotFoundError, match="no such shard folder"):
+        read_stats(remote)
+
+
+def test_prepare_refuses_a_prefix_it_did_not_write_and_a_missing_bucket(tmp_path, s3_bucket, prepare_into):
+    from genflow import storage
+
+    write_sample(tmp_path / "sample", n=20, seed=1)
+    storage.write_bytes(f"{s3_bucket}/mine/notes.txt", "the user's")
+    with pytest.raises(ValueError, match=rf"{s3_bucket}/mine holds files prepare did not write \(notes.txt\)"):
+        prepare_into(tmp_path / "sample", f"{s3_bucket}/mine")
+    assert storage.read_text(f"{s3_bucket}/mine/notes.txt") == "the user's"
+    missing = s3_bucket.replace("genflow-", "missing-")
+    with pytest.raises(ValueError, match=rf"cannot write {missing}/shards: the store has no bucket"):
+        prepare_into(tmp_path / "sample", f"{missing}/shards")

@@ -4,6 +4,7 @@ shards are named, unchanged shards are not hashed twice, and the digest is of wh
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -62,7 +63,7 @@ def test_unchanged_shards_are_hashed_once_and_a_changed_one_again(shards, monkey
         os.utime(shard, ns=(an_hour_ago, an_hour_ago))
     hashed = []
     real_sha256 = verify._sha256
-    monkeypatch.setattr(verify, "_sha256", lambda path: hashed.append(path.name) or real_sha256(path))
+    monkeypatch.setattr(verify, "_sha256", lambda path: hashed.append(Path(path).name) or real_sha256(path))
     digest = verified_digest(shards)
     assert len(hashed) == 7
     hashed.clear()

@@ -155,3 +155,33 @@ def test_a_servers_refusal_says_what_to_set(code, login, says, monkeypatch, tmp_
     else:
         assert str(error).startswith(f"the MLflow tracking server http://mlflow.example:5000 {says}")
         assert "not-this-one" not in str(error)
+
+
+def test_a_new_experiment_keeps_its_artifacts_where_tracking_artifact_location_says(tmp_path, s3_bucket, capsys):
+    import mlflow
+
+    from genflow import storage
+    from genflow.config import TrackingParams
+    from genflow.track.mlflow import configure
+
+    tracking = TrackingParams(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="remote",
+                              artifact_location=f"{s3_bucket}/mlartifacts/")
+    experiment_id = configure(tracking)
+    assert MlflowClient().get_experiment(experiment_id).artifact_location == f"{s3_bucket}/mlartifacts"
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_text("a grid, say", "notes/a.txt")  # MLflow's boto3 finds the server by AWS_ENDPOINT_URL
+    assert storage.read_text(f"{s3_bucket}/mlartifacts/{run.info.run_id}/artifacts/notes/a.txt") == "a grid, say"
+    # An existing experiment keeps the location it was made with, and the user is told.
+    moved = tracking.model_copy(update={"artifact_location": str(tmp_path / "elsewhere")})
+    assert configure(moved) == experiment_id
+    assert f"keeps its artifacts in {s3_bucket}/mlartifacts" in capsys.readouterr().err
+
+
+def test_a_local_artifact_location_is_a_file_uri_and_an_unknown_scheme_is_refused(tmp_path, monkeypatch):
+    from genflow.storage import StorageError
+    from genflow.track.mlflow import artifact_location
+
+    monkeypatch.chdir(tmp_path)
+    assert artifact_location("artifacts") == (tmp_path / "artifacts").as_uri() and artifact_location("") == ""
+    with pytest.raises(StorageError, match="ftp://host/x: unknown storage scheme"):
+        artifact_location("ftp://host/x")

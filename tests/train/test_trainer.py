@@ -237,3 +237,63 @@ def test_a_driver_inside_a_ray_job_leaves_the_jobs_env_vars_to_the_job(monkeypat
     assert without_job_env_vars(env) == {k: v for k, v in env.items() if k != "DO_NOT_TRACK"}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # a job without env vars
     assert without_job_env_vars(env) == env
+
+
+def weights_at(checkpoint: str, folder: Path) -> dict:
+    """The model weights of a checkpoint in a store, downloaded to `folder`."""
+    from genflow import storage
+    from genflow.models.saved import MODEL_FILE
+
+    folder.mkdir()
+    (folder / MODEL_FILE).write_bytes(storage.read_bytes(storage.join(checkpoint, MODEL_FILE)))
+    return load_model(folder).state_dict()
+
+
+def test_shards_checkpoints_and_artifacts_in_a_bucket_and_a_second_run_resumes_from_there(
+        ray_local, tiny_params, s3_bucket, tmp_path):
+    from genflow import storage
+    from genflow.config import DataParams
+    from genflow.data.shards import prepare
+    from genflow.data.synth import write_sample
+    from genflow.data.verify import verified_digest
+
+    write_sample(tmp_path / "sample", n=60, seed=2)
+    shards = f"{s3_bucket}/shards"
+    prepare(DataParams(source=str(tmp_path / "sample"), shards=shards, processes=1, shard_size=8))
+    # 38 training images (42 less 4 held out), batches of 8: 4 batches an epoch; checkpoints at steps 1 and 2.
+    common = ["train.workers=1", "train.max_steps=2", "train.checkpoint_every=1", "train.validation_batches=1",
+              f"data.shards={shards}", f"train.storage_path={s3_bucket}/ray",
+              f"tracking.artifact_location={s3_bucket}/mlartifacts"]
+    straight = train("vae", tiny_params(*common, "train.run_name=straight"))
+    # The first attempt crashes fetching step 2's batch (max_failures=0: the command fails), after
+    # its step-1 checkpoint reached the bucket.
+    crashing = tiny_params(*common, "train.run_name=crashed")
+    with pytest.raises(Exception, match="a worker crash, staged by the test"):
+        train("vae", crashing, batch_source=CrashOnce(shards, crashing.train, 0, 1, tmp_path / "crashed"),
+              dataset_digest=verified_digest(shards))
+    listed = storage.listdir(f"{s3_bucket}/ray/crashed")
+    assert len([name for name, is_folder in listed if is_folder and name.startswith("checkpoint_")]) == 1
+    # The same command again: Ray restores the run from the bucket, at step 1, into the same MLflow run.
+    resumed = train("vae", tiny_params(*common, "train.run_name=crashed"))
+    assert start_steps(resumed.mlflow_run_id) == [0, 1] and resumed.metrics["step"] == 2
+    assert resumed.checkpoint_path.startswith(f"{s3_bucket}/ray/crashed/checkpoint_")
+    # Bit-exact with the run that never stopped: the restored weights, optimizer state and data
+    # position were the checkpoint's.
+    a, b = weights_at(straight.checkpoint_path, tmp_path / "a"), weights_at(resumed.checkpoint_path, tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    run = mlflow.MlflowClient().get_run(resumed.mlflow_run_id)
+    assert run.info.artifact_uri == f"{s3_bucket}/mlartifacts/{run.info.run_id}/artifacts"
+    assert storage.listdir(run.info.artifact_uri)  # the sampler model and the grids, in the bucket
+    # The run that read the shards itself (not through the crashing source) names them as its dataset.
+    inputs = mlflow.MlflowClient().get_run(straight.mlflow_run_id).inputs.dataset_inputs
+    assert [dataset.dataset.source for dataset in inputs] == [f'{{"uri": "{shards}"}}']
+
+
+def test_a_storage_path_in_a_missing_bucket_is_refused_before_training(tiny_params, s3_bucket):
+    from genflow.storage import StorageError
+
+    missing = s3_bucket.replace("genflow-", "missing-")
+    images, attrs = data(16)
+    with pytest.raises(StorageError, match=rf"train.storage_path={missing}/ray: the store has no bucket"):
+        train("vae", tiny_params(f"train.storage_path={missing}/ray"), batch_source=InMemoryBatches(images, attrs, 8),
+              dataset_digest="missing")

@@ -277,3 +277,22 @@ def test_concurrency_default_waits_for_an_autoscaling_clusters_gpu_nodes(case, t
     else:
         with pytest.raises(ValueError, match="a local Ray, which cannot grow" if case == "a local Ray" else "has at most"):
             trial_slots(params, settings)
+
+
+def test_a_search_keeps_its_state_and_checkpoints_in_a_bucket_and_resumes_from_there(ray_local, tmp_path, s3_bucket):
+    from genflow import storage
+
+    point = {"train.lr": 1e-3, KIND: "constant", "models.vae.kl.weight": 1e-4, "models.vae.norm_groups": 8}
+    params = search_params(tmp_path, trials=1, max_concurrent=1, points_to_evaluate=[point])
+    params.train.storage_path = f"{s3_bucket}/ray"
+    params.train.max_steps = params.tune["vae"]["grace_period"] = 5
+    result = tune("vae", params, batch_source=batches(), dataset_digest="tiny")
+    (trial,) = result.trials
+    assert (trial["status"], trial["step"]) == ("completed", 5)
+    search = f"{s3_bucket}/ray/{result.name}"
+    assert any(name.startswith("experiment_state") for name, _ in storage.listdir(search))  # Tune's state
+    (train_run,) = [name for name, is_folder in storage.listdir(f"{search}/train") if is_folder]
+    assert any(name.startswith("checkpoint_") for name, _ in storage.listdir(f"{search}/train/{train_run}"))
+    # The same command again restores the finished search from the bucket: no trial runs again.
+    again = tune("vae", params, batch_source=batches(), dataset_digest="tiny")
+    assert again.best["trial"] == trial["trial"] and len(runs_of(tmp_path)[2]) == 1

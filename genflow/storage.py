@@ -1,0 +1,321 @@
+"""Where genflow reads and writes: a local (or shared) path, or an object-store URI.
+
+    size = file_size("s3://bucket/shards/stats.json")         # None when there is no such file
+    with open_input("s3://bucket/shards/train/celeba64-000000.tar") as stream: ...
+    storage_path, storage_filesystem = ray_storage("s3://bucket/ray_results")   # for Ray's RunConfig
+
+A location is a string. A local path (relative, absolute, a mount every node shares) is read and
+written with Python's own files, exactly as without this module; `file:///abs/path` is the same
+path written as a URI. A URI names an object store by its scheme:
+
+  s3://BUCKET/KEY   Amazon S3 or an S3-compatible server (MinIO, Ceph, moto). The credentials are
+                    the standard AWS ones (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+                    AWS_SESSION_TOKEN, AWS_PROFILE, an instance role); the region AWS_REGION or
+                    AWS_DEFAULT_REGION; another endpoint AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL.
+  gs://BUCKET/KEY   Google Cloud Storage (GOOGLE_APPLICATION_CREDENTIALS, or the machine's account).
+
+pyarrow's filesystems do the work; Ray Train and pyarrow.parquet take them as they are. An object
+store has no rename: a write there is one object, whole or absent, and what must look atomic
+across objects (prepare's shards) is published in order instead (genflow/data/__init__.py).
+Failures of the store itself (wrong credentials, no bucket, no endpoint) are a StorageError naming
+the URI and the variables to check.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from stat import S_ISREG
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+import pyarrow.fs as pafs
+
+from genflow.atomic import write_atomically
+
+REMOTE_SCHEMES = ("s3", "gs")
+# What a Ray worker on another node needs to reach the same store (genflow/train/trainer.py).
+STORAGE_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS",
+)
+_READ_BUFFER = 1 << 20
+# pyarrow reads an object by one ranged GET per buffer fill: large fills amortise a store's
+# per-request latency (tens of ms on S3) over the transfer.
+_REMOTE_READ_BUFFER = 8 << 20
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class StorageError(ValueError):
+    """A location that cannot be used (an unknown scheme) or a store that refused (credentials,
+    bucket, endpoint); the message names the location and what to check. A ValueError: what the
+    user set is wrong, and the CLI ends with the message alone."""
+
+
+def scheme(location: str) -> str | None:
+    """"s3", "gs", "file", ...: the URI scheme of `location`; None for a plain path."""
+    match = _SCHEME.match(str(location))
+    return match.group(1).lower() if match else None
+
+
+def is_remote(location: str | Path) -> bool:
+    """True for an object-store URI; False for a local path (a file:// URI included). Refuses an
+    unknown scheme, naming the location."""
+    found = scheme(str(location))
+    if found is None or found == "file":
+        return False
+    if found not in REMOTE_SCHEMES:
+        raise StorageError(f"{location}: unknown storage scheme {found}://; use a local or shared path, file://, "
+                           f"s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
+    return True
+
+
+def resolved(location: str | Path) -> str:
+    """The location in its canonical form: an absolute local path, or the URI without a trailing
+    slash (a URI never depends on the current folder)."""
+    location = str(location)
+    if is_remote(location):
+        bucket_and_key = location.split("://", 1)[1].strip("/")
+        if not bucket_and_key:
+            raise StorageError(f"{location}: names no bucket; use {scheme(location)}://BUCKET/PREFIX")
+        return f"{scheme(location)}://{bucket_and_key}"
+    return str(local_path(location).resolve())
+
+
+def local_path(location: str | Path) -> Path:
+    """A local location as a Path (a file:// URI unwrapped)."""
+    location = str(location)
+    if scheme(location) == "file":
+        return Path(unquote(urlsplit(location).path))
+    return Path(location)
+
+
+def join(location: str | Path, *parts: str) -> str:
+    """`location`/part/...: a path joined as paths are, a URI with "/"."""
+    location = str(location)
+    if is_remote(location):
+        return "/".join([location.rstrip("/"), *(part.strip("/") for part in parts)])
+    return str(local_path(location).joinpath(*parts))
+
+
+def name(location: str | Path) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path in it) of a location."""
+    location = str(location)
+    if not is_remote(location):
+        return pafs.LocalFileSystem(), str(local_path(location).resolve())
+    uri = resolved(location)
+    with _errors(uri):
+        return _filesystem(scheme(uri), uri.split("/", 3)[2], _environment()), uri.split("://", 1)[1]
+
+
+def _environment() -> tuple[tuple[str, str | None], ...]:
+    # Part of the cache key: a changed credential or endpoint makes a new filesystem.
+    return tuple((name, os.environ.get(name)) for name in STORAGE_ENV_VARS)
+
+
+@lru_cache(maxsize=16)
+def _filesystem(kind: str, bucket: str, environment: tuple) -> pafs.FileSystem:
+    env = dict(environment)
+    if kind != "s3":
+        return pafs.FileSystem.from_uri(f"{kind}://{bucket}")[0]
+    # The settings are made explicit, so that the filesystem Ray pickles for its controller and
+    # workers (RunConfig.storage_filesystem) reaches the same store from processes that do not
+    # have this environment (Ray's own documented use); unset ones stay AWS's default chain
+    # (AWS_PROFILE, an instance role). An S3-compatible server takes any region name.
+    endpoint = env["AWS_ENDPOINT_URL_S3"] or env["AWS_ENDPOINT_URL"]
+    region = env["AWS_REGION"] or env["AWS_DEFAULT_REGION"] or ("us-east-1" if endpoint else pafs.resolve_s3_region(bucket))
+    keys = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"],
+            "session_token": env["AWS_SESSION_TOKEN"]} if env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"] else {}
+    return pafs.S3FileSystem(endpoint_override=endpoint, region=region, **keys)
+
+
+def ray_storage(location: str | Path) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig: a local path as it is (Ray's own
+    local storage), a URI as a path in its filesystem (so that a custom endpoint is used)."""
+    if not is_remote(location):
+        return resolved(location), None
+    fs, path = filesystem(location)
+    return path, fs
+
+
+def in_ray_storage(path: str, storage: str | Path) -> str:
+    """A path Ray reports under ray_storage(storage) (a checkpoint's), as a location: a URI for a store."""
+    return f"{scheme(str(storage))}://{path.lstrip('/')}" if is_remote(storage) else path
+
+
+def worker_env() -> dict[str, str]:
+    """The storage variables set here, for Ray workers (which may run where they are not set)."""
+    return {name: os.environ[name] for name in STORAGE_ENV_VARS if name in os.environ}
+
+
+@contextmanager
+def _errors(location: str) -> Iterator[None]:
+    """A store's own failure as a StorageError naming the location and what to check; a missing
+    file stays a FileNotFoundError (callers say what was expected there)."""
+    try:
+        yield
+    except (FileNotFoundError, StorageError):
+        raise
+    except (OSError, ValueError) as err:
+        hint = {"s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), AWS_REGION and, for an "
+                      "S3-compatible server, AWS_ENDPOINT_URL",
+                "gs": "GOOGLE_APPLICATION_CREDENTIALS"}.get(scheme(location) or "", "the path")
+        raise StorageError(f"{location}: the store refused or could not be reached ({str(err).strip()}); check that "
+                           f"the bucket exists and {hint}") from None
+
+
+def _info(location: str) -> pafs.FileInfo:
+    fs, path = filesystem(location)
+    with _errors(location):
+        return fs.get_file_info(path)
+
+
+def stat(location: str | Path) -> tuple[int, int] | None:
+    """(size in bytes, modification time in ns) of a file; None when there is no file there."""
+    if not is_remote(location):
+        try:
+            found = os.stat(local_path(location))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return (found.st_size, found.st_mtime_ns) if S_ISREG(found.st_mode) else None
+    info = _info(str(location))
+    if info.type != pafs.FileType.File:
+        return None
+    return info.size, info.mtime_ns or 0
+
+
+def file_size(location: str | Path) -> int | None:
+    found = stat(location)
+    return None if found is None else found[0]
+
+
+def is_file(location: str | Path) -> bool:
+    return stat(location) is not None
+
+
+def is_dir(location: str | Path) -> bool:
+    """A folder, or a prefix with objects under it."""
+    if not is_remote(location):
+        return local_path(location).is_dir()
+    return _info(str(location)).type == pafs.FileType.Directory
+
+
+def exists(location: str | Path) -> bool:
+    if not is_remote(location):
+        return local_path(location).exists()
+    return _info(str(location)).type != pafs.FileType.NotFound
+
+
+def listdir(location: str | Path) -> list[tuple[str, bool]]:
+    """(name, is a folder) of what is directly in `location`, sorted; empty when it is not there."""
+    if not is_remote(location):
+        folder = local_path(location)
+        return sorted((entry.name, entry.is_dir()) for entry in folder.iterdir()) if folder.is_dir() else []
+    fs, path = filesystem(location)
+    with _errors(str(location)):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted((info.base_name, info.type == pafs.FileType.Directory) for info in infos)
+
+
+def open_input(location: str | Path) -> BinaryIO:
+    """A buffered binary stream of the file (read(n), as Python's files); FileNotFoundError naming
+    the location when there is none."""
+    if not is_remote(location):
+        return open(local_path(location), "rb", buffering=_READ_BUFFER)
+    fs, path = filesystem(location)
+    with _errors(str(location)):
+        try:
+            return fs.open_input_stream(path, compression=None, buffer_size=_REMOTE_READ_BUFFER)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{location}: no such file") from None
+
+
+def read_bytes(location: str | Path) -> bytes:
+    with open_input(location) as stream:
+        return stream.read()
+
+
+def read_text(location: str | Path) -> str:
+    return read_bytes(location).decode()
+
+
+def write_bytes(location: str | Path, data: bytes | str) -> None:
+    """The whole file or none: locally by a rename, in a store as one object."""
+    data = data.encode() if isinstance(data, str) else data
+    if not is_remote(location):
+        write_atomically(local_path(location), data)
+        return
+    fs, path = filesystem(location)
+    with _errors(str(location)), fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def upload(local_file: str | Path, location: str | Path) -> None:
+    """Copy a local file to `location` (a URI, or a local path)."""
+    if not is_remote(location):
+        shutil.copyfile(local_file, local_path(location))
+        return
+    fs, path = filesystem(location)
+    with _errors(str(location)), open(local_file, "rb") as source, fs.open_output_stream(path) as stream:
+        shutil.copyfileobj(source, stream, _READ_BUFFER)
+
+
+def remove(location: str | Path) -> None:
+    """Remove a file; nothing when there is none."""
+    if not is_remote(location):
+        local_path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    with _errors(str(location)):
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+
+def remove_tree(location: str | Path) -> None:
+    """Remove a folder (a prefix) and everything under it; nothing when there is none."""
+    if not is_remote(location):
+        shutil.rmtree(local_path(location), ignore_errors=True)
+        return
+    fs, path = filesystem(location)
+    with _errors(str(location)):
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            if "/" in path:
+                fs.delete_dir(path)
+            else:  # a bucket's root: its objects go, the bucket stays
+                fs.delete_dir_contents(path)
+
+
+def missing_bucket(location: str | Path) -> str | None:
+    """The bucket of a URI when the store has no such bucket; None otherwise (and for a path)."""
+    if not is_remote(location):
+        return None
+    fs, path = filesystem(location)
+    bucket = path.split("/", 1)[0]
+    with _errors(str(location)):
+        return bucket if fs.get_file_info(bucket).type == pafs.FileType.NotFound else None
+
+
+def why_absent(location: str | Path) -> str:
+    """Why nothing is at `location`, for an error message: a store's missing bucket is named."""
+    bucket = missing_bucket(location)
+    return f"the store has no bucket {bucket!r}" if bucket else "nothing is there"
+
+
+def check_bucket(location: str | Path, what: str) -> None:
+    """Refuse a URI whose bucket the store does not have (or whose store refuses us) now, naming the
+    setting `what`, rather than after the work that was to be written there."""
+    bucket = missing_bucket(location)
+    if bucket:
+        raise StorageError(f"{what}={location}: the store has no bucket {bucket!r}; create it, or set {what} to "
+                           "another location")
