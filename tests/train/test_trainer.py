@@ -237,3 +237,18 @@ def test_a_driver_inside_a_ray_job_leaves_the_jobs_env_vars_to_the_job(monkeypat
     assert without_job_env_vars(env) == {k: v for k, v in env.items() if k != "DO_NOT_TRACK"}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # a job without env vars
     assert without_job_env_vars(env) == env
+
+
+def test_the_workers_log_their_nodes_system_metrics_and_the_driver_none(ray_local, tiny_params):
+    from genflow.track.system_metrics import node_id
+
+    images, attrs = data()
+    result = train("vae", tiny_params("train.workers=2", "train.batch_size=4", "train.max_steps=8", "train.checkpoint_every=8",
+                                      "train.system_metrics_every=0.2", "train.run_name=system"),
+                   batch_source=InMemoryBatches(images, attrs, 4), dataset_digest="system")
+    system = [key for key in mlflow.MlflowClient().get_run(result.mlflow_run_id).data.metrics if key.startswith("system/")]
+    # Both workers run on this one node: its local rank 0 samples it, under the node's name.
+    node = node_id(0)
+    assert f"system/{node}/cpu_utilization_percentage" in system
+    assert f"system/{node}/system_memory_usage_megabytes" in system
+    assert all(key.startswith(f"system/{node}/") for key in system), system  # none from the driver
