@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import math
 import random
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from genflow.images import image_grid
 from genflow.models.protocol import Batch, GenerativeModel
 from genflow.train.step import Optimization, ddp_options, distributed, gather_batch, optimisation_step
 from genflow.train.checkpoint import restore_model, restore_optimizers, restore_rank_state, save_checkpoint
-from genflow.track.mlflow import FAILURE_TAG, RankZeroLogger
+from genflow.track.mlflow import FAILURE_TAG, RankZeroLogger, check_credentials
 from genflow.track.system_metrics import node_id, node_system_metrics
 
 
@@ -213,6 +214,7 @@ def train_worker(config: WorkerConfig) -> None:
     """Ray Train's train_loop_per_worker (bound to its config by genflow.train.trainer): this
     rank's training, while the local rank 0 of each node samples the node's system metrics."""
     context = ray.train.get_context()
+    check_credentials(f"Ray Train worker {context.get_world_rank()} on {socket.gethostname()}")
     every = config.train.system_metrics_every if context.get_local_rank() == 0 else 0
     with node_system_metrics(config.tracking_uri, config.mlflow_run_id, node_id(context.get_node_rank()), every):
         train_rank(config, context.get_world_rank(), context.get_world_size())
