@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from genflow.config import TrainParams
-from genflow.track.system_metrics import node_id
+from genflow.track.system_metrics import node_id, node_system_metrics
 from genflow.train import loop
 
 
@@ -31,7 +31,7 @@ def test_the_node_id_names_the_node_rank_and_the_host_in_characters_mlflow_takes
     assert node_id(1) == f"node1-{socket.gethostname()}".replace(":", "_").replace(" ", "_")
 
 
-def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_raises(store, monkeypatch):
+def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_raises(store, monkeypatch, capfd):
     uri, experiment_id = store
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(experiment_id).info.run_id
@@ -52,6 +52,30 @@ def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_rais
     metrics = client.get_run(run_id).data.metrics
     assert f"system/{node_id(0)}/cpu_utilization_percentage" in metrics
     assert not [key for key in metrics if not key.startswith(f"system/{node_id(0)}/")]
+    # No GPU here (or no NVIDIA driver): no GPU metrics, and nothing said about it on the console.
+    assert not [key for key in metrics if "/gpu_" in key] and "GPU" not in capfd.readouterr().err
+
+
+def test_a_node_with_an_nvidia_gpu_logs_its_gpu_metrics_through_nvml(store, monkeypatch):
+    import pynvml  # nvidia-ml-py, which MLflow's GPU monitor reads; NVML itself is faked here
+
+    fake = {
+        "nvmlInit": lambda: None, "nvmlDeviceGetCount": lambda: 1, "nvmlDeviceGetHandleByIndex": lambda i: f"gpu{i}",
+        "nvmlDeviceGetMemoryInfo": lambda handle: SimpleNamespace(used=2e9, total=8e9),
+        "nvmlDeviceGetUtilizationRates": lambda handle: SimpleNamespace(gpu=42),
+        "nvmlDeviceGetPowerUsage": lambda handle: 100_000, "nvmlDeviceGetEnforcedPowerLimit": lambda handle: 400_000,
+    }
+    for name, function in fake.items():
+        monkeypatch.setattr(pynvml, name, function)
+    uri, experiment_id = store
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(experiment_id).info.run_id
+    with node_system_metrics(uri, run_id, "node1-gpuhost", every_s=0.1):
+        time.sleep(0.5)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["system/node1-gpuhost/gpu_0_utilization_percentage"] == 42
+    assert metrics["system/node1-gpuhost/gpu_0_memory_usage_percentage"] == 25
+    assert metrics["system/node1-gpuhost/gpu_0_power_usage_watts"] == 100
 
 
 def test_only_each_nodes_local_rank_0_samples(store, monkeypatch):
