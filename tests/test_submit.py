@@ -453,6 +453,9 @@ def test_a_submitted_train_succeeds_streams_its_log_and_records_its_run(jobs):
     assert run.info.status == "FINISHED" and run.data.tags["genflow.family"] == "vae"
     assert run.data.metrics["final/step"] == 2
     assert any((root / "train").rglob("checkpoint_*"))
+    # The job ran in an uploaded copy without .git; its run names the commit submitted from here.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags[GIT_COMMIT_TAG] == head and run.data.tags[GIT_DIRTY_TAG] in ("true", "false")
 
 
 @pytest.mark.slow
@@ -461,6 +464,7 @@ def test_a_submitted_tune_succeeds_with_a_parent_run_and_a_run_per_trial(jobs):
     tune = done["tune"]
     assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
     assert "2 trials: 2 completed" in tune.stdout
+    assert "genflow tuned pull vae -S tracking.uri=sqlite:///" in tune.stdout  # the winner stayed in the job's copy
     runs = mlflow_runs(root / "tune.db")
     [parent] = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

@@ -2,7 +2,8 @@
 
 The local rank 0 worker of each node (genflow/train/loop.py) samples that node's CPU, memory,
 disk and network use, and its GPUs' (utilisation, memory, power; through `nvidia-ml-py`, where
-NVML finds a driver), into the run it trains: `system/NODE/cpu_utilization_percentage`,
+NVML finds a driver; NVML sees every GPU of the machine or container, whichever CUDA_VISIBLE_DEVICES Ray gives the
+worker), into the run it trains: `system/NODE/cpu_utilization_percentage`,
 `system/NODE/gpu_0_utilization_percentage`, ... NODE is `node<rank>-<host>`: Ray Train's node
 rank and the machine's host name (a Kubernetes pod's, an EC2 instance's), so a slow node is
 found by name. The driver logs none (on a cluster it is the CPU head, which trains nothing).
