@@ -1,9 +1,9 @@
 """System metrics from the machines that train: one MLflow SystemMetricsMonitor per node.
 
 The local rank 0 worker of each node (genflow/train/loop.py) samples that node's CPU, memory,
-disk and network use, and its GPUs' (utilisation, memory, power; through `nvidia-ml-py`, where
-NVML finds a driver; NVML sees every GPU of the machine or container, whichever CUDA_VISIBLE_DEVICES Ray gives the
-worker), into the run it trains: `system/NODE/cpu_utilization_percentage`,
+disk and network use, and its GPUs' (utilisation, memory, power: through `nvidia-ml-py`, where
+NVML finds a driver; NVML sees every GPU of the machine or container, whatever CUDA_VISIBLE_DEVICES
+Ray gives the worker), into the run it trains: `system/NODE/cpu_utilization_percentage`,
 `system/NODE/gpu_0_utilization_percentage`, ... NODE is `node<rank>-<host>`: Ray Train's node
 rank and the machine's host name (a Kubernetes pod's, an EC2 instance's), so a slow node is
 found by name. The driver logs none (on a cluster it is the CPU head, which trains nothing).
