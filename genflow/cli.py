@@ -12,6 +12,7 @@ missing) and takes `-S key=value` overrides of any params key, as `dvc exp run -
     genflow sample celeba64-ddpm@staging --n 64 --out grid.png --sampler ddim --steps 50 --eta 0
     genflow tune vae --trials 8              the winner -> tuned/vae.yaml, which every vae command
                                              (train, evaluate, register) applies unless --no-tuned
+    genflow tuned pull vae                   [--run RUN_ID] tuned/vae.yaml from a search's MLflow run
     genflow fid samples/ data/shards:test [--extractor imagenet|celeba|inception] [--n N]
     genflow report
     genflow submit --address http://HEAD:8265 -- train vae --workers 8 --gpu
@@ -190,6 +191,15 @@ def cmd_tune(args: argparse.Namespace) -> None:
         print(f"{'replaced the earlier' if replaced else 'wrote'} {path}")
 
 
+def cmd_tuned_pull(args: argparse.Namespace) -> None:
+    from genflow.track.mlflow import configure
+    from genflow.tune.tuned import pull_tuned
+
+    pulled = pull_tuned(args.family, configure(_params(args).tracking), args.run)
+    print(f"{'replaced the earlier' if pulled.replaced else 'wrote'} {pulled.path}: the winner of the {args.family} "
+          f"search {pulled.search} (MLflow run {pulled.run_id}): {', '.join(pulled.overrides) or 'no key'}")
+
+
 def cmd_fid(args: argparse.Namespace) -> None:
     from genflow.eval.fid import fid
 
@@ -259,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("family", choices=FAMILY_NAMES, help="the model family")
     p.add_argument("--trials", type=int, help="trials in the search (default: tune.FAMILY.trials)")
     p.set_defaults(func=cmd_tune)
+
+    pull = sub.add_parser("tuned", help="the winners of searches (tuned/FAMILY.yaml)").add_subparsers(
+        dest="tuned_command", required=True)
+    p = pull.add_parser("pull", help="write tuned/FAMILY.yaml from the winner a search logged on its MLflow run "
+                                     "(a search run elsewhere: `genflow submit -- tune FAMILY`)", parents=[common])
+    p.add_argument("family", choices=FAMILY_NAMES, help="the model family")
+    p.add_argument("--run", metavar="RUN_ID", help="the search's MLflow parent run (default: the family's newest "
+                                                   "finished search)")
+    p.set_defaults(func=cmd_tuned_pull)
 
     p = sub.add_parser("evaluate", help="evaluate the family's training run on the test split", parents=[common, tuned])
     p.add_argument("family", choices=FAMILY_NAMES, help="the model family")

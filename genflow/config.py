@@ -82,6 +82,9 @@ class TrainParams(StrictModel):
     log_every: int = Field(10, ge=1)
     grid_every: int = Field(0, ge=0, description="steps between sample grids; 0 = only at the end")
     grid_size: int = Field(16, ge=1, description="images in a sample grid")
+    system_metrics_every: float = Field(10.0, ge=0, description="seconds between samples of each node's system "
+                                        "metrics (CPU, memory, disk, network, GPU), logged by its local rank 0 "
+                                        "worker as system/NODE/...; 0 = none")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
     loader_workers: int = Field(1, ge=0)

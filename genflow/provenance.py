@@ -26,6 +26,9 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 GIT_DIRTY_TAG = "genflow.git.dirty"
 DVC_EXPERIMENT_TAG = "genflow.dvc.experiment"
 DVC_STAGE_TAG = "genflow.dvc.stage"
+# Set by `genflow submit` in the job's environment: the submitting checkout's commit and dirty flag.
+SUBMITTED_COMMIT = "GENFLOW_GIT_COMMIT"
+SUBMITTED_DIRTY = "GENFLOW_GIT_DIRTY"
 
 _TEMP_EXPERIMENTS = (".dvc", "tmp", "exps")  # where DVC makes the copies it runs experiments in
 
@@ -89,25 +92,41 @@ def _anchored_uri(uri: str, what: str) -> str:
 
 def provenance_tags() -> dict[str, str]:
     """The git commit (the experiment's baseline commit in a DVC experiment: its own commit is made
-    after the stages run), whether tracked files had uncommitted changes, and the DVC experiment
-    and stage; each only when known."""
+    after the stages run; the submitting checkout's in a Ray job, see git_env), whether tracked
+    files had uncommitted changes, and the DVC experiment and stage; each only when known."""
     tags: dict[str, str] = {}
-    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
+    baseline, submitted = os.environ.get("DVC_EXP_BASELINE_REV"), os.environ.get(SUBMITTED_COMMIT)
+    commit = baseline or submitted or _git("rev-parse", "HEAD")
     if commit:
         tags[GIT_COMMIT_TAG] = commit
-        changes = _git("status", "--porcelain", "--untracked-files=no")
-        if changes is not None:
-            tags[GIT_DIRTY_TAG] = "true" if changes else "false"
+        if submitted and not baseline:
+            dirty = os.environ.get(SUBMITTED_DIRTY)
+        else:
+            changes = _git("status", "--porcelain", "--untracked-files=no")
+            dirty = None if changes is None else "true" if changes else "false"
+        if dirty in ("true", "false"):
+            tags[GIT_DIRTY_TAG] = dirty
     for variable, tag in (("DVC_EXP_NAME", DVC_EXPERIMENT_TAG), ("DVC_STAGE", DVC_STAGE_TAG)):
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]
     return tags
 
 
-def _git(*args: str) -> str | None:
-    """git's output in the current folder, or None where there is no git or no repository."""
+def git_env(project: str | Path = ".") -> dict[str, str]:
+    """The checkout's commit and whether tracked files have uncommitted changes, as environment
+    variables for a Ray job (`genflow submit`): the job runs in an uploaded copy of the project
+    without .git, where provenance_tags reads them instead. Empty outside a git checkout."""
+    commit = _git("rev-parse", "HEAD", cwd=project)
+    if not commit:
+        return {}
+    changes = _git("status", "--porcelain", "--untracked-files=no", cwd=project)
+    return {SUBMITTED_COMMIT: commit, SUBMITTED_DIRTY: "true" if changes else "false"}
+
+
+def _git(*args: str, cwd: str | Path | None = None) -> str | None:
+    """git's output in `cwd` (the current folder), or None where there is no git or no repository."""
     try:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None

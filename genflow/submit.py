@@ -44,10 +44,14 @@ from urllib.parse import urlparse
 from genflow._telemetry import TELEMETRY_OFF
 from genflow.config import PARAMS_FILE, Params, ParamsError
 
+# Ray's switch for its .gitignore reading when it uploads a working_dir (ray._private.ray_constants).
+RAY_RUNTIME_ENV_IGNORE_GITIGNORE = "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"
+
 # Big or local-only things the job has no use for ("/" anchors a pattern at the project root,
-# so the package genflow/data/ is kept). Ray itself also skips .git, .venv, __pycache__ and
-# what .gitignore files list.
-EXCLUDES = ["/data/", "/mlflow.db", "/mlartifacts/", "/mlruns/", "/ray_results/", "/.dvc/cache/"]
+# so the package genflow/data/ is kept; /sample is the link to data/sample); the git history
+# too (the commit travels as GENFLOW_GIT_COMMIT, see genflow/provenance.py). What the
+# .gitignore files list is skipped as well, except the tuned params (upload_excludes).
+EXCLUDES = ["/data/", "/sample", "/mlflow.db", "/mlartifacts/", "/mlruns/", "/ray_results/", "/.dvc/cache/", "/.git"]
 CONNECT_TIMEOUT_S = 10
 LOG_TAIL_LINES = 15  # of a failed job's log, repeated in the error: its own error is at the end
 
@@ -81,10 +85,18 @@ def submit(address: str, command: list[str], wait: bool = True, working_dir: str
     address = address.rstrip("/")
     entrypoint = shlex.join(["genflow", *command])
     client = _connect(address)
+    # The .gitignore files are in the excludes already (upload_excludes), less the tuned params.
+    ignoring = os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE)
+    os.environ[RAY_RUNTIME_ENV_IGNORE_GITIGNORE] = "1"
     try:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir))
     except RuntimeError as err:
         raise SubmitError(f"the Ray cluster at {address} refused the job: {err}") from None
+    finally:
+        if ignoring is None:
+            os.environ.pop(RAY_RUNTIME_ENV_IGNORE_GITIGNORE)
+        else:
+            os.environ[RAY_RUNTIME_ENV_IGNORE_GITIGNORE] = ignoring
 
     ray_job = f"ray job {{}} {job_id} --address {address}"
     print(f"submitted {job_id}: {entrypoint}")
@@ -109,6 +121,13 @@ def submit(address: str, command: list[str], wait: bool = True, working_dir: str
         raise SubmitError(f"job {job_id} {info.status}{reason}\n  the end of its log:\n{tail}\n"
                           f"  the whole log: {ray_job.format('logs')}")
     print(f"job {job_id} SUCCEEDED")
+    if command[:1] == ["tune"] and len(command) > 1 and not command[1].startswith("-"):
+        # The job wrote the winner into its throwaway copy of the project; it is also on the
+        # search's MLflow run, from where `genflow tuned pull` writes it here.
+        tracking = [arg for flag, arg in zip(command, command[1:]) if flag in ("-S", "--set") and arg.startswith("tracking.")]
+        pull = ["genflow", "tuned", "pull", command[1], *[part for arg in tracking for part in ("-S", arg)]]
+        print(f"the winner is on the search's MLflow run; to apply it to {command[1]} commands here, "
+              f"write tuned/{command[1]}.yaml: {shlex.join(pull)}")
     return job_id
 
 
@@ -228,11 +247,51 @@ def _refuse_relative(relative: dict[str, str]) -> None:
 
 
 def runtime_env(working_dir: str = ".") -> dict:
-    """The job's runtime_env: the project (minus EXCLUDES), telemetry off, the tracking URI."""
-    env_vars = dict(TELEMETRY_OFF)
+    """The job's runtime_env: the project (minus upload_excludes), telemetry off, the tracking URI,
+    the checkout's git commit, and the names (never the values) of the MLflow credential
+    variables the job's processes need: they take them from their nodes (genflow/track/mlflow.py)."""
+    from genflow.provenance import git_env
+    from genflow.track.mlflow import CREDENTIALS_NEEDED, credentials_in_use
+
+    env_vars = {**TELEMETRY_OFF, **git_env(working_dir)}
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
-    return {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
+    if credentials_in_use():
+        env_vars[CREDENTIALS_NEEDED] = ",".join(credentials_in_use())
+    return {"working_dir": str(working_dir), "excludes": upload_excludes(Path(working_dir)), "env_vars": env_vars}
+
+
+def upload_excludes(project: Path) -> list[str]:
+    """EXCLUDES, then every pattern of the project's .gitignore files anchored at the project's
+    root, then the tuned params let back in: DVC lists tuned/FAMILY.yaml in tuned/.gitignore (it
+    is a DVC output), and a job without it would train without the tuned params, saying nothing.
+
+    Ray's own .gitignore reading cannot let a file back in, so `submit` turns it off
+    (RAY_RUNTIME_ENV_IGNORE_GITIGNORE) and Ray applies these patterns instead."""
+    from ray._private.thirdparty.pathspec import PathSpec  # what Ray matches "excludes" with
+
+    from genflow.tune.tuned import TUNED_DIR
+
+    patterns = list(EXCLUDES)
+    for folder, subfolders, files in os.walk(project):
+        here = Path(folder).relative_to(project).as_posix().removeprefix(".")
+        if ".gitignore" in files:
+            lines = (Path(folder) / ".gitignore").read_text().splitlines()
+            patterns += [_rooted(line.rstrip(), here) for line in lines if line.strip() and not line.startswith("#")]
+        skipped = PathSpec.from_lines("gitwildmatch", patterns)
+        subfolders[:] = [name for name in subfolders if not skipped.match_file(f"{here}/{name}/".lstrip("/"))]
+    return patterns + [f"!/{TUNED_DIR.as_posix()}/", f"!/{TUNED_DIR.as_posix()}/*.yaml"]
+
+
+def _rooted(pattern: str, folder: str) -> str:
+    """A .gitignore pattern of `folder` (relative to the project; "" at its root) as a pattern
+    anchored at the project's root, with git's meaning: one with a slash before its end is
+    relative to its folder, one without matches at any depth below it."""
+    if not folder:
+        return pattern
+    negated, pattern = pattern.startswith("!"), pattern.removeprefix("!")
+    anchored = "/" in pattern.rstrip("/")
+    return ("!" if negated else "") + f"/{folder}/" + (pattern.lstrip("/") if anchored else f"**/{pattern}")
 
 
 def project_root(start: Path) -> Path:

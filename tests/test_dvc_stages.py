@@ -3,6 +3,7 @@ decide its result, and prepare on data.source itself; the plots cover every fami
 in its own colour. Read through DVC's own parser (foreach expanded, ${} resolved)."""
 
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -195,3 +196,33 @@ def test_a_changed_image_under_a_celeba_source_outside_the_project_invalidates_p
     (celeba / "img_align_celeba" / "000001.jpg").write_bytes(b"another image")
     status = run(["dvc", "status", "prepare"], project)
     assert "changed deps" in status and f"modified:           {celeba}" in status
+
+
+def test_the_sample_keyword_resolves_to_the_sample_as_prepares_dependency(tmp_path):
+    # `dvc exp run -S data.source=sample`: DVC hashes the path `sample`, the project's link to
+    # data/sample (the default data.sample.dir), where the synth stage writes.
+    assert Path(PROJECT / "sample").is_symlink()
+    assert (PROJECT / "sample").resolve() == (PROJECT / load_params(None).data.sample.dir).resolve()
+    project = tmp_path / "project"
+    project.mkdir()
+    for path in ("dvc.yaml", "genflow", "pipelines"):
+        copy = shutil.copytree if (PROJECT / path).is_dir() else shutil.copy
+        copy(PROJECT / path, project / path, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    (project / "sample").symlink_to(os.readlink(PROJECT / "sample"))
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["data"]["source"] = "sample"  # as `dvc exp run -S data.source=sample` writes it
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "data/sample").mkdir(parents=True)
+    for i in range(2):
+        (project / f"data/sample/{i}.jpg").write_bytes(bytes([i]) * 50)  # stands for the synth stage's output
+    (project / "data/shards").mkdir()
+    (project / "data/shards/stats.json").write_text("{}")  # stands for prepare's output: not run here
+    run(["git", "init", "-q"], project)
+    run(["dvc", "init", "-q"], project)
+    run(["dvc", "commit", "-f", "-q", "prepare"], project)  # fails on a dependency that does not resolve
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    source = next(dep for dep in lock["stages"]["prepare"]["deps"] if dep["path"] == "sample")
+    assert source["nfiles"] == 2 and source["md5"].endswith(".dir")
+    (project / "data/sample/1.jpg").write_bytes(b"another image")
+    status = run(["dvc", "status", "prepare"], project)
+    assert "changed deps" in status and "modified:           sample" in status

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,7 +22,9 @@ import requests
 
 from genflow._telemetry import TELEMETRY_OFF
 from genflow.data.synth import write_sample
+from genflow.provenance import GIT_COMMIT_TAG, GIT_DIRTY_TAG, SUBMITTED_COMMIT, SUBMITTED_DIRTY, provenance_tags
 from genflow.submit import EXCLUDES, SubmitError, check_command, project_root, runtime_env, submit
+from genflow.track.mlflow import CREDENTIALS, CREDENTIALS_NEEDED
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -71,13 +74,119 @@ def test_address_must_be_the_dashboard_url():
         submit("127.0.0.1:8265", ["--help"])
 
 
-def test_runtime_env_turns_telemetry_off_and_passes_the_tracking_server(monkeypatch):
+def test_runtime_env_turns_telemetry_off_and_passes_the_tracking_server(monkeypatch, tmp_path):
+    for name in CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    env = runtime_env(str(PROJECT))
+    env = runtime_env(str(tmp_path))  # not a git checkout: no commit to pass
     assert env["env_vars"] == {**TELEMETRY_OFF, "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
-    assert env["working_dir"] == str(PROJECT) and env["excludes"] == EXCLUDES
+    assert env["working_dir"] == str(tmp_path) and env["excludes"][: len(EXCLUDES)] == EXCLUDES
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert runtime_env(str(PROJECT))["env_vars"] == TELEMETRY_OFF  # the job reads params.yaml itself
+    assert runtime_env(str(tmp_path))["env_vars"] == TELEMETRY_OFF  # the job reads params.yaml itself
+
+
+def test_runtime_env_passes_the_checkouts_commit_which_the_jobs_runs_record(tmp_path, monkeypatch):
+    # The job runs in an uploaded copy without .git: its MLflow runs' git tags come from here.
+    from tests.test_provenance import git
+
+    project = tmp_path / "project"
+    project.mkdir()
+    git("init", "-q", cwd=project)
+    (project / "params.yaml").write_text("a: 1\n")
+    git("add", "params.yaml", cwd=project)
+    git("commit", "-qm", "x", cwd=project)
+    head = git("rev-parse", "HEAD", cwd=project)
+    env = runtime_env(str(project))["env_vars"]
+    assert env[SUBMITTED_COMMIT] == head and env[SUBMITTED_DIRTY] == "false"
+    (project / "params.yaml").write_text("a: 2\n")
+    assert runtime_env(str(project))["env_vars"][SUBMITTED_DIRTY] == "true"
+
+    job_copy = tmp_path / "job"  # what the job runs in: no repository
+    job_copy.mkdir()
+    monkeypatch.chdir(job_copy)
+    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in runtime_env(str(project))["env_vars"].items():
+        monkeypatch.setenv(name, value)
+    assert provenance_tags() == {GIT_COMMIT_TAG: head, GIT_DIRTY_TAG: "true"}
+
+
+def test_no_credential_travels_in_the_jobs_runtime_env_only_their_names(monkeypatch, tmp_path):
+    # The Ray dashboard shows a job's runtime_env to anyone who reaches it.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-password")
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    monkeypatch.delenv(CREDENTIALS_NEEDED, raising=False)
+    env = runtime_env(str(tmp_path))["env_vars"]
+    assert "s3cret-password" not in str(env) and "alice" not in str(env)
+    assert env[CREDENTIALS_NEEDED] == "MLFLOW_TRACKING_PASSWORD,MLFLOW_TRACKING_USERNAME"
+
+
+def uploaded(project: Path) -> set[str]:
+    """The files Ray's own packaging puts in the job's working_dir package, as `submit` uploads it."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    package = project.parent / "package.zip"
+    env = runtime_env(str(project))
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE") != "1"
+    create_package(str(project), package, include_gitignore=include_gitignore, excludes=env["excludes"])
+    with zipfile.ZipFile(package) as archive:
+        names = {name for name in archive.namelist() if not name.endswith("/")}
+    package.unlink()
+    return names
+
+
+def test_the_upload_carries_the_tuned_params_that_dvc_gitignores_and_skips_what_gitignore_lists(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    for path, text in {
+        "params.yaml": "", "genflow/data/loader.py": "", "genflow/__pycache__/x.pyc": "",
+        ".gitignore": "__pycache__/\n/mlflow.db\n*.log\n", "run.log": "", "genflow/deep.log": "",
+        "tuned/.gitignore": "/vae.yaml\n", "tuned/vae.yaml": "train:\n  lr: 0.002\n",  # as DVC writes them
+        "models/.gitignore": "/featurizer\n", "models/featurizer/celeba.pt": "weights",
+        "models/keep.txt": "", "data/shards/0.tar": "", "mlflow.db": "", ".git/HEAD": "",
+    }.items():
+        (project / path).parent.mkdir(parents=True, exist_ok=True)
+        (project / path).write_text(text)
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")  # as submit sets it around the upload
+    assert uploaded(project) == {"params.yaml", "genflow/data/loader.py", ".gitignore", "tuned/.gitignore",
+                                 "tuned/vae.yaml", "models/.gitignore", "models/keep.txt"}
+
+
+def test_submit_uploads_with_rays_gitignore_reading_off_and_puts_it_back(monkeypatch):
+    seen = {}
+
+    class Cluster:
+        def submit_job(self, entrypoint, runtime_env):
+            seen["ignore_gitignore"] = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE")
+            raise RuntimeError("refused")
+
+    monkeypatch.delenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", raising=False)
+    monkeypatch.setattr("genflow.submit._connect", lambda address: Cluster())
+    with pytest.raises(SubmitError, match="refused the job"):
+        submit("http://head:8265", ["--help"], working_dir=str(PROJECT))
+    assert seen == {"ignore_gitignore": "1"} and "RAY_RUNTIME_ENV_IGNORE_GITIGNORE" not in os.environ
+
+
+def test_a_submitted_tune_that_succeeds_says_how_to_pull_its_winner(monkeypatch, capsys):
+    from ray.job_submission import JobStatus
+
+    class Cluster:
+        def submit_job(self, entrypoint, runtime_env):
+            return "raysubmit_2"
+
+        async def tail_job_logs(self, job_id):
+            yield "tuned\n"
+
+        def get_job_info(self, job_id):
+            return types.SimpleNamespace(status=JobStatus.SUCCEEDED, message="")
+
+    monkeypatch.setattr("genflow.submit._connect", lambda address: Cluster())
+    monkeypatch.setattr("genflow.submit.check_command", lambda command, project: None)
+    submit("http://head:8265", ["tune", "vae", "--trials", "4", "-S", "tracking.uri=http://mlflow:5000"],
+           working_dir=str(PROJECT))
+    assert "genflow tuned pull vae -S tracking.uri=http://mlflow:5000" in capsys.readouterr().out
 
 
 # ---- the command is checked here, before anything is uploaded ----------------------------------
@@ -344,6 +453,9 @@ def test_a_submitted_train_succeeds_streams_its_log_and_records_its_run(jobs):
     assert run.info.status == "FINISHED" and run.data.tags["genflow.family"] == "vae"
     assert run.data.metrics["final/step"] == 2
     assert any((root / "train").rglob("checkpoint_*"))
+    # The job ran in an uploaded copy without .git; its run names the commit submitted from here.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags[GIT_COMMIT_TAG] == head and run.data.tags[GIT_DIRTY_TAG] in ("true", "false")
 
 
 @pytest.mark.slow
@@ -352,6 +464,7 @@ def test_a_submitted_tune_succeeds_with_a_parent_run_and_a_run_per_trial(jobs):
     tune = done["tune"]
     assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
     assert "2 trials: 2 completed" in tune.stdout
+    assert "genflow tuned pull vae -S tracking.uri=sqlite:///" in tune.stdout  # the winner stayed in the job's copy
     runs = mlflow_runs(root / "tune.db")
     [parent] = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

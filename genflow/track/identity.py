@@ -31,7 +31,7 @@ from genflow.track import mlflow as tracking
 # Params that change how a run is executed or watched, not what it computes: a run resumed
 # with other values of these is the same run.
 OPERATIONAL_KEYS = {"cpus_per_worker", "max_failures", "log_every", "checkpoint_every", "storage_path", "run_name",
-                    "grid_every", "grid_size", "validation_fd"}
+                    "grid_every", "grid_size", "validation_fd", "system_metrics_every"}
 
 IDENTITY_TAG = "genflow.run_identity"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import random
+import socket
 import sys
 import threading
 import time
@@ -105,6 +106,7 @@ def check_local_store(uri: str) -> None:
 
 def configure(tracking: TrackingParams) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id."""
+    check_credentials(f"this process (on {socket.gethostname()})")
     uri = resolve_tracking_uri(tracking)
     _check_reachable(uri)
     check_local_store(uri)
@@ -339,10 +341,38 @@ class RankZeroLogger:
                 self._queue.task_done()
 
 
+# MLflow's credential variables. Never sent in a Ray runtime_env (the Ray dashboard shows its
+# env_vars to anyone who reaches it): a local Ray's workers inherit them from the process that
+# started Ray, a cluster's nodes carry them from the cluster's secret (infra/).
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# The names (never the values) of the credential variables the driver uses, so that a process
+# without them fails at once, naming them, instead of at its first 401.
+CREDENTIALS_NEEDED = "GENFLOW_MLFLOW_CREDENTIALS"
+
+
+def credentials_in_use() -> list[str]:
+    """The credential variables this process authenticates with, or was told it needs."""
+    told = [name for name in os.environ.get(CREDENTIALS_NEEDED, "").split(",") if name]
+    return sorted({*told, *(name for name in CREDENTIALS if os.environ.get(name))})
+
+
+def check_credentials(where: str) -> None:
+    """Refuse to start where the credential variables the driver uses are missing."""
+    missing = [name for name in os.environ.get(CREDENTIALS_NEEDED, "").split(",") if name and not os.environ.get(name)]
+    if missing:
+        raise TrackingError(
+            f"{where} has no {', '.join(missing)}, which the MLflow tracking server needs: genflow does not send "
+            "credentials through Ray (the Ray dashboard shows a job's environment to anyone who reaches it). Set "
+            f"{', '.join(missing)} on every node of the Ray cluster (the KubeRay/`ray up` configs in infra/ take them "
+            "from the cluster's secret), or, for a local Ray, in the environment before Ray starts")
+
+
 def worker_env(tracking_uri: str) -> dict[str, str]:
-    """Environment that lets a Ray worker reach the same store (also on a remote node)."""
+    """Environment that lets a Ray worker reach the same store (also on a remote node): where it
+    is and which credential variables it needs, never their values (see CREDENTIALS)."""
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
-        if name in os.environ:
-            env[name] = os.environ[name]
+    if "MLFLOW_S3_ENDPOINT_URL" in os.environ:
+        env["MLFLOW_S3_ENDPOINT_URL"] = os.environ["MLFLOW_S3_ENDPOINT_URL"]
+    if credentials_in_use():
+        env[CREDENTIALS_NEEDED] = ",".join(credentials_in_use())
     return env

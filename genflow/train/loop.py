@@ -13,7 +13,8 @@ It knows the model protocol (genflow/models/protocol.py), not the family. Per ra
 
 Rank 0 alone logs (on a background thread, genflow.track.mlflow.RankZeroLogger), draws the
 sample grids (every `train.grid_every` steps; MLflow step-keyed images `samples`, `reconstructions`)
-and, under `genflow train`, prints a progress line every `train.log_every` steps. Nothing here
+and, under `genflow train`, prints a progress line every `train.log_every` steps. The local rank 0
+of each node samples the node's system metrics into the same run (genflow/track/system_metrics.py). Nothing here
 draws from the global RNGs except the model itself, and those RNGs are saved per rank: a resumed run repeats an uninterrupted one
 exactly (on CPU).
 """
@@ -26,6 +27,7 @@ import hashlib
 import itertools
 import math
 import random
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,7 +44,8 @@ from genflow.images import image_grid
 from genflow.models.protocol import Batch, GenerativeModel
 from genflow.train.step import Optimization, ddp_options, distributed, gather_batch, optimisation_step
 from genflow.train.checkpoint import restore_model, restore_optimizers, restore_rank_state, save_checkpoint
-from genflow.track.mlflow import FAILURE_TAG, RankZeroLogger
+from genflow.track.mlflow import FAILURE_TAG, RankZeroLogger, check_credentials
+from genflow.track.system_metrics import node_id, node_system_metrics
 
 
 class EpochSource(Protocol):
@@ -208,9 +211,17 @@ class RankRun:
 
 
 def train_worker(config: WorkerConfig) -> None:
-    """Ray Train's train_loop_per_worker (bound to its config by genflow.train.trainer)."""
+    """Ray Train's train_loop_per_worker (bound to its config by genflow.train.trainer): this
+    rank's training, while the local rank 0 of each node samples the node's system metrics."""
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    check_credentials(f"Ray Train worker {context.get_world_rank()} on {socket.gethostname()}")
+    every = config.train.system_metrics_every if context.get_local_rank() == 0 else 0
+    with node_system_metrics(config.tracking_uri, config.mlflow_run_id, node_id(context.get_node_rank()), every):
+        train_rank(config, context.get_world_rank(), context.get_world_size())
+
+
+def train_rank(config: WorkerConfig, rank: int, world_size: int) -> None:
+    """One rank's run: set up (fresh or resumed), train to max_steps, checkpoint on the way."""
     train = config.train
     run = setup(config, rank, world_size)
     logger = RankZeroLogger(config.tracking_uri, config.mlflow_run_id) if rank == 0 else None

@@ -152,8 +152,10 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
     # name: two names can share params, and the run key alone would reopen the other one's record.
     previous = tracking.find_run_named(experiment_id, name) if earlier else None
     resuming = previous is not None
+    # No system metrics from here: on a cluster this is the CPU head, which trains nothing; each
+    # node's local rank 0 worker logs its own (genflow/track/system_metrics.py).
     with mlflow.start_run(run_id=previous.info.run_id if resuming else None, run_name=None if resuming else name,
-                          experiment_id=experiment_id, log_system_metrics=True) as run:
+                          experiment_id=experiment_id, log_system_metrics=False) as run:
         if resuming and tracking.FAILURE_TAG in previous.data.tags:
             # The failure an earlier attempt recorded (a non-finite loss) was that attempt's: a clean
             # resume must not read it as its own.

@@ -27,6 +27,10 @@ from genflow.config import ParamsError, flatten
 from genflow.tune.space import SearchSettings, override, overrides
 
 FIXED_COLUMNS = ("trial", "status", "step", "objective")
+# The tag of a search's parent run (its value: the search's name); the run holds the search's
+# outputs under ARTIFACTS (log_search), from where `genflow tuned pull` fetches the winner.
+SEARCH_TAG = "genflow.tune.search"
+ARTIFACTS = "tune"
 
 
 @dataclass

@@ -58,7 +58,7 @@ from genflow.tune import report
 from genflow.tune.report import SearchResult
 from genflow.tune.space import SearchSettings, SearchSpace, overrides, search_settings, trial_base, trial_params
 
-SEARCH_TAG = "genflow.tune.search"
+SEARCH_TAG = report.SEARCH_TAG
 TRIAL_TAG = "genflow.tune.trial"
 STOPPED_EARLY_TAG = "genflow.tune.stopped_early"
 ERROR_TAG = "genflow.tune.error"
@@ -388,4 +388,4 @@ def log_search(client: MlflowClient, result: SearchResult) -> None:
         report.write_table(result, directory / f"{result.family}.csv")
         report.plot_search(result, directory / f"{result.family}.png")
         for path in directory.iterdir():
-            with_retries(lambda: client.log_artifact(run_id, str(path), "tune"))
+            with_retries(lambda: client.log_artifact(run_id, str(path), report.ARTIFACTS))

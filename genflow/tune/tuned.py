@@ -10,6 +10,10 @@ its own flags and -S overrides, which win.
 train@, evaluate@ and register@ (pipelines/common.py): the same params find the same run.
 Applying a tuned file is said on the console, with the keys it set.
 
+A search also logs its winner on its MLflow parent run: `genflow tuned pull FAMILY [--run RUN_ID]`
+writes it here from there, for a search that ran elsewhere (`genflow submit -- tune FAMILY` runs
+it in the job's throwaway copy of the project).
+
 Light on purpose (no Ray): every command reads it before anything starts.
 """
 
@@ -22,9 +26,12 @@ from genflow.config import Params, load_params, parse_override
 from genflow.tune.report import load_tuned
 
 
+TUNED_DIR = Path("tuned")
+
+
 def tuned_path(family: str) -> Path:
     """Where the winner of `family`'s search lives (relative to the project, like data/ and mlflow.db)."""
-    return Path("tuned") / f"{family}.yaml"
+    return TUNED_DIR / f"{family}.yaml"
 
 
 @dataclass(frozen=True)
@@ -72,3 +79,63 @@ def family_params(family: str, params_file: str | Path | None = None, overrides:
     origins = {**{text: str(path) for text in kept}, **(flags or {})}
     params = load_params(params_file, kept + overrides, flags=origins)
     return params, TunedApplied(path, kept, dropped)
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """What `pull_tuned` wrote."""
+
+    path: Path
+    run_id: str
+    search: str  # the search's name
+    replaced: bool  # an earlier tuned file was there
+    overrides: list[str]  # key=value, as the file sets them
+
+
+def pull_tuned(family: str, experiment_id: str, run_id: str | None = None) -> Pulled:
+    """Write tuned/FAMILY.yaml from the winner a search logged on its MLflow parent run: run
+    `run_id`, else the family's newest finished search in the experiment (MLflow's store is the
+    one `genflow.track.mlflow.configure` set)."""
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from genflow.atomic import write_atomically
+    from genflow.track.mlflow import FAMILY_TAG, with_retries, without_credentials
+    from genflow.tune.report import ARTIFACTS, SEARCH_TAG
+
+    client, store = MlflowClient(), without_credentials(mlflow.get_tracking_uri())
+    if run_id is None:
+        found = with_retries(lambda: client.search_runs(
+            [experiment_id], filter_string=f"tags.`{FAMILY_TAG}` = '{family}' and tags.`{SEARCH_TAG}` LIKE '%' "
+                                           "and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1))
+        if not found:
+            raise FileNotFoundError(f"no finished {family} search in the MLflow experiment {experiment_id} of "
+                                    f"{store}: run `genflow tune {family}` (or "
+                                    f"`genflow submit ... -- tune {family}`), or name a search's run with --run")
+        run = found[0]
+    else:
+        try:
+            run = with_retries(lambda: client.get_run(run_id))
+        except MlflowException:
+            raise FileNotFoundError(f"--run {run_id}: no such MLflow run in {store}") from None
+        tags = run.data.tags
+        if SEARCH_TAG not in tags or tags.get(FAMILY_TAG) != family:
+            what = f"a {tags[FAMILY_TAG]} search" if SEARCH_TAG in tags else "not a search's parent run"
+            raise ValueError(f"--run {run_id}: {what}; give the run of a {family} search (its name starts tune-{family}-)")
+    artifact = f"{ARTIFACTS}/{family}.yaml"
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            downloaded = Path(download_artifacts(run_id=run.info.run_id, artifact_path=artifact, dst_path=directory))
+        except (MlflowException, OSError):
+            raise FileNotFoundError(f"MLflow run {run.info.run_id} ({run.data.tags[SEARCH_TAG]}, {run.info.status}) "
+                                    f"has no {artifact}: the search has not finished") from None
+        overrides = load_tuned(family, downloaded)  # a file of another family's is refused here
+        path = tuned_path(family)
+        replaced = path.exists()
+        write_atomically(path, downloaded.read_bytes())
+    return Pulled(path, run.info.run_id, run.data.tags[SEARCH_TAG], replaced, overrides)

@@ -15,6 +15,7 @@ import torch
 
 from genflow.config import ParamsError
 from genflow.models.saved import load_model
+from genflow.track.system_metrics import node_id
 from genflow.train.loop import InMemoryBatches, NonFiniteLossError, ShardBatches
 from genflow.train.trainer import train
 
@@ -95,11 +96,20 @@ def start_steps(run_id):
     return [int(m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, "train/start_step")]
 
 
-def test_two_ddp_workers_match_one_worker_on_the_combined_batch(ray_local, tiny_params):
+def test_two_ddp_workers_match_one_worker_on_the_combined_batch_and_log_their_nodes_system_metrics(
+        ray_local, tiny_params):
     images, attrs = data()
     common = ["train.max_steps=6", "train.checkpoint_every=6", "train.lr=0.001"]
-    two = train("vae", tiny_params(*common, "train.workers=2", "train.batch_size=4", "train.run_name=ddp2"),
+    two = train("vae", tiny_params(*common, "train.workers=2", "train.batch_size=4", "train.run_name=ddp2",
+                                   "train.system_metrics_every=0.2"),
                 batch_source=PosteriorMeanBatches(images, attrs, 4), dataset_digest="ddp")
+    # System metrics (in this test to spare the suite another Ray Train start): both workers run on
+    # this one node, whose local rank 0 samples it under the node's name; the driver logs none.
+    system = [key for key in mlflow.MlflowClient().get_run(two.mlflow_run_id).data.metrics if key.startswith("system/")]
+    node = node_id(0)
+    assert f"system/{node}/cpu_utilization_percentage" in system
+    assert f"system/{node}/system_memory_usage_megabytes" in system
+    assert all(key.startswith(f"system/{node}/") for key in system), system
     one = train("vae", tiny_params(*common, "train.workers=1", "train.batch_size=8", "train.run_name=ddp1"),
                 batch_source=PosteriorMeanBatches(images, attrs, 8), dataset_digest="ddp")
     untrained = load_model(two.checkpoint_path).__class__(load_model(two.checkpoint_path).config)

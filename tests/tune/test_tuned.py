@@ -62,3 +62,45 @@ def test_the_cli_and_the_dvc_stage_write_the_same_outputs(tmp_path):
         "tuned/vae.yaml", "plots/tune/vae.csv", "plots/tune/vae.png", "metrics/tune/vae.json"]
     assert all(p.stat().st_size > 0 for p in written)
     assert yaml.safe_load((tmp_path / "tuned/vae.yaml").read_text())["train"]["lr"] == 1e-3
+
+
+def test_tuned_pull_writes_the_winner_a_search_logged_on_its_run(tmp_path, monkeypatch, capsys):
+    # `genflow submit -- tune vae` writes tuned/vae.yaml in the job's throwaway copy; the search
+    # also logs it on its parent run, from where `genflow tuned pull` writes it here.
+    from mlflow import MlflowClient
+
+    from genflow.cli import main
+    from genflow.track.mlflow import FAMILY_TAG
+    from genflow.tune.report import SEARCH_TAG, write_tuned
+    from genflow.tune.search import log_search
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store = ["-S", f"tracking.uri={uri}"]
+    assert main(["tuned", "pull", "vae", *store]) == 2
+    assert "no finished vae search" in capsys.readouterr().err
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("celeba64").experiment_id
+    parent = client.create_run(experiment, tags={SEARCH_TAG: "tune-vae-x", FAMILY_TAG: "vae"}).info.run_id
+    result = fake_result(tmp_path)
+    result.mlflow_run_id = parent
+    log_search(client, result)
+    client.set_terminated(parent, "FINISHED")
+
+    assert main(["tuned", "pull", "vae", *store]) == 0
+    write_tuned(result, tmp_path / "expected.yaml")
+    assert (tmp_path / "tuned/vae.yaml").read_text() == (tmp_path / "expected.yaml").read_text()
+    said = capsys.readouterr().out
+    assert said.startswith(f"wrote tuned/vae.yaml: the winner of the vae search tune-vae-x (MLflow run {parent}): ")
+    assert "train.lr=0.001" in said
+    params, tuned = family_params("vae", None, [])
+    assert params.train.lr == 1e-3 and tuned is not None  # every vae command applies it now
+
+    assert main(["tuned", "pull", "vae", "--run", parent, *store]) == 0
+    assert capsys.readouterr().out.startswith("replaced the earlier tuned/vae.yaml")
+    assert main(["tuned", "pull", "dcgan", "--run", parent, *store]) == 2
+    assert f"--run {parent}: a vae search; give the run of a dcgan search" in capsys.readouterr().err
+    unfinished = client.create_run(experiment, tags={SEARCH_TAG: "tune-vae-y", FAMILY_TAG: "vae"}).info.run_id
+    assert main(["tuned", "pull", "vae", "--run", unfinished, *store]) == 2
+    assert "has no tune/vae.yaml: the search has not finished" in capsys.readouterr().err
