@@ -152,9 +152,21 @@ def in_ray_storage(path: str, storage: str | Path) -> str:
     return f"{scheme(str(storage))}://{path.lstrip('/')}" if is_remote(storage) else path
 
 
-def worker_env() -> dict[str, str]:
-    """The storage variables set here, for Ray workers (which may run where they are not set)."""
+# The secrets among them travel only inside pickled task arguments (genflow.train.loop.WorkerConfig,
+# genflow.tune.search.TrialSetup), never in a Ray runtime_env: the dashboard shows runtime_envs to
+# anyone who reaches it.
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def store_env() -> dict[str, str]:
+    """The storage variables set here, secrets included: for Ray tasks' pickled arguments."""
     return {name: os.environ[name] for name in STORAGE_ENV_VARS if name in os.environ}
+
+
+def worker_env() -> dict[str, str]:
+    """The storage variables set here less the secrets: for Ray runtime_envs (which may start
+    processes where they are not set, and which the dashboard shows)."""
+    return {name: value for name, value in store_env().items() if name not in SECRET_ENV_VARS}
 
 
 @contextmanager

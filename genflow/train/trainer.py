@@ -213,6 +213,7 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: str, track
         batch_source=batch_source,
         validation_source=validation_source,
         progress=progress,
+        store_env=stores.store_env(),
     )
     storage_path, storage_filesystem = stores.ray_storage(storage)
     return TorchTrainer(
@@ -228,7 +229,8 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: str, track
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            # The store's credentials too: the workers read the shards and write the checkpoints.
+            # The store's settings too (its secrets go in the pickled WorkerConfig): the workers
+            # read the shards and write the checkpoints.
             worker_runtime_env={"env_vars": {**TELEMETRY_OFF, **tracking.worker_env(tracking_uri), **stores.worker_env()}},
             callbacks=callbacks,
         ),

@@ -307,3 +307,19 @@ def test_a_storage_path_in_a_missing_bucket_is_refused_before_training(tiny_para
     with pytest.raises(StorageError, match=rf"train.storage_path={missing}/ray: the store has no bucket"):
         train("vae", tiny_params(f"train.storage_path={missing}/ray"), batch_source=InMemoryBatches(images, attrs, 8),
               dataset_digest="missing")
+
+
+def test_the_stores_secrets_reach_the_workers_pickled_never_in_a_runtime_env(tiny_params, monkeypatch):
+    # The Ray dashboard shows every runtime_env (job and workers) to anyone who reaches it.
+    from genflow.train.trainer import torch_trainer
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-value")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    trainer = torch_trainer("vae", tiny_params(), name="n", storage="ray_results", tracking_uri="sqlite:///x.db",
+                            mlflow_run_id="r")
+    runtime_env = trainer.run_config.worker_runtime_env
+    assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert "s3cr3t-value" not in str(runtime_env) and "key-id-value" not in str(runtime_env)
+    worker = trainer.train_loop_per_worker.args[0]
+    assert worker.store_env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value" and "s3cr3t-value" not in repr(worker)
