@@ -119,7 +119,10 @@ def git_env(project: str | Path = ".") -> dict[str, str]:
     commit = _git("rev-parse", "HEAD", cwd=project)
     if not commit:
         return {}
-    changes = _git("status", "--porcelain", "--untracked-files=no", cwd=project)
+    # Untracked files count: the job's upload carries them (a new model file runs there).
+    changes = _git("status", "--porcelain", "--untracked-files=normal", cwd=project)
+    if changes is None:  # git answered rev-parse and then failed: the state is unknown, not clean
+        return {SUBMITTED_COMMIT: commit}
     return {SUBMITTED_COMMIT: commit, SUBMITTED_DIRTY: "true" if changes else "false"}
 
 

@@ -274,7 +274,8 @@ def upload_excludes(project: Path) -> list[str]:
 
     patterns = list(EXCLUDES)
     for folder, subfolders, files in os.walk(project):
-        here = Path(folder).relative_to(project).as_posix().removeprefix(".")
+        relative = Path(folder).relative_to(project).as_posix()
+        here = "" if relative == "." else relative  # (not removeprefix("."): .dvc would become dvc)
         if ".gitignore" in files:
             lines = (Path(folder) / ".gitignore").read_text().splitlines()
             patterns += [_rooted(line.rstrip(), here) for line in lines if line.strip() and not line.startswith("#")]

@@ -114,3 +114,20 @@ def test_uris_are_never_anchored_to_the_project(tmp_path, monkeypatch):
     relative = anchor_stores(load_params(tmp_path / "none.yaml", ["tracking.artifact_location=mlartifacts"]))
     assert relative.tracking.artifact_location == str(tmp_path / "mlartifacts") and relative.train.storage_path == str(
         tmp_path / "ray_results")
+
+
+def test_a_submitted_checkout_with_untracked_files_is_dirty(tmp_path):
+    # The job's upload carries untracked files (a new model file runs there): not "clean".
+    from genflow.provenance import SUBMITTED_COMMIT, SUBMITTED_DIRTY, git_env
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("")
+    git("add", "a.py")
+    git("commit", "-qm", "a")
+    assert git_env(tmp_path)[SUBMITTED_DIRTY] == "false" and len(git_env(tmp_path)[SUBMITTED_COMMIT]) == 40
+    (tmp_path / "new_model.py").write_text("")
+    assert git_env(tmp_path)[SUBMITTED_DIRTY] == "true"

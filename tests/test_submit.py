@@ -146,12 +146,16 @@ def test_the_upload_carries_the_tuned_params_that_dvc_gitignores_and_skips_what_
         "tuned/.gitignore": "/vae.yaml\n", "tuned/vae.yaml": "train:\n  lr: 0.002\n",  # as DVC writes them
         "models/.gitignore": "/featurizer\n", "models/featurizer/celeba.pt": "weights",
         "models/keep.txt": "", "data/shards/0.tar": "", "mlflow.db": "", ".git/HEAD": "",
+        # A hidden folder's own .gitignore: DVC keeps a remote's keys in .dvc/config.local.
+        ".dvc/.gitignore": "/config.local\n/tmp\n/cache\n", ".dvc/config": "", ".dvc/config.local": "secret_access_key",
+        ".dvc/tmp/exps/big.bin": "",
     }.items():
         (project / path).parent.mkdir(parents=True, exist_ok=True)
         (project / path).write_text(text)
     monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")  # as submit sets it around the upload
     assert uploaded(project) == {"params.yaml", "genflow/data/loader.py", ".gitignore", "tuned/.gitignore",
-                                 "tuned/vae.yaml", "models/.gitignore", "models/keep.txt"}
+                                 "tuned/vae.yaml", "models/.gitignore", "models/keep.txt", ".dvc/.gitignore",
+                                 ".dvc/config"}
 
 
 def test_submit_uploads_with_rays_gitignore_reading_off_and_puts_it_back(monkeypatch):

@@ -62,13 +62,14 @@ LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def _check_reachable(uri: str) -> None:
-    if not uri.startswith(("http://", "https://")):
-        return
-    if urlsplit(uri).password is not None:
+    if urlsplit(uri).password is not None:  # any scheme: a database URI travels to the workers as well
+        where = (f"the login in {' and '.join(LOGIN_VARIABLES)}" if uri.startswith(("http://", "https://"))
+                 else "the database's password in its client's variable (PGPASSWORD for PostgreSQL, as infra/ does)")
         raise TrackingError(
             f"the MLflow tracking URI {without_credentials(uri)} carries a password; it is printed, logged and passed "
-            "on to Ray jobs, where others read it. Give the server's URI alone and the login in "
-            f"{' and '.join(LOGIN_VARIABLES)}")
+            f"on to Ray jobs, where others read it. Give the URI without it and {where}")
+    if not uri.startswith(("http://", "https://")):
+        return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
             pass

@@ -296,7 +296,10 @@ def trial_slots(params: Params, settings: SearchSettings) -> int:
     need = {"CPU": params.train.workers * settings.cpus_per_worker}
     if params.train.gpu:
         need["GPU"] = params.train.workers
-    largest = ray._private.state.state.get_max_resources_from_cluster_config()  # None: not reported
+    try:
+        largest = ray._private.state.state.get_max_resources_from_cluster_config()  # None: not reported
+    except ray.exceptions.RaySystemError:  # a Ray Client connection (ray://) has no GCS state here
+        largest = None
     resources = largest or ray.cluster_resources()
     slots = min(math.floor(resources.get(name, 0) / amount) for name, amount in need.items())
     if slots >= 1:

@@ -185,3 +185,14 @@ def test_a_local_artifact_location_is_a_file_uri_and_an_unknown_scheme_is_refuse
     assert artifact_location("artifacts") == (tmp_path / "artifacts").as_uri() and artifact_location("") == ""
     with pytest.raises(StorageError, match="ftp://host/x: unknown storage scheme"):
         artifact_location("ftp://host/x")
+
+
+def test_a_password_in_a_database_uri_is_refused_too(monkeypatch):
+    # It would travel to every Train worker's runtime_env (genflow.track.mlflow.worker_env).
+    from genflow.config import TrackingParams
+    from genflow.track.mlflow import configure
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://alice:hunter2-secret@db.example/mlflow")
+    with pytest.raises(TrackingError, match=r"URI postgresql://db\.example/mlflow carries a password.*PGPASSWORD") as refused:
+        configure(TrackingParams())
+    assert "hunter2" not in str(refused.value)

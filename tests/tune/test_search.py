@@ -266,7 +266,12 @@ def test_concurrency_default_waits_for_an_autoscaling_clusters_gpu_nodes(case, t
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     largest = {"autoscaler reports its largest": {"CPU": 8 + 4 * 16, "GPU": 4 * 4},
                "cannot ever fit": {"CPU": 64, "GPU": 1}}.get(case)
-    monkeypatch.setattr(ray._private.state.state, "get_max_resources_from_cluster_config", lambda: largest)
+    def max_resources():
+        if case == "a cluster joined":  # through Ray Client (ray://), which has no GCS state to ask
+            raise ray.exceptions.RaySystemError("Ray has not been started yet")
+        return largest
+
+    monkeypatch.setattr(ray._private.state.state, "get_max_resources_from_cluster_config", max_resources)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "memory": 3e10})  # the CPU head alone
     settings = search_settings(params, "vae")
     if case == "autoscaler reports its largest":
