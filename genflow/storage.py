@@ -281,6 +281,14 @@ def upload(local_file: str | Path, location: str | Path) -> None:
         shutil.copyfileobj(source, stream, _READ_BUFFER)
 
 
+def copy(source: str, target: str) -> None:
+    """Copy an object within one store (a server-side copy: S3's CopyObject)."""
+    fs, source_path = filesystem(source)
+    _, target_path = filesystem(target)
+    with _errors(source):
+        fs.copy_file(source_path, target_path)
+
+
 def remove(location: str | Path) -> None:
     """Remove a file; nothing when there is none."""
     if not is_remote(location):

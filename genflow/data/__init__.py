@@ -45,26 +45,41 @@ def replaced_atomically(out: str | Path) -> Iterator[Path]:
 def published_in_order(out: str, last: str) -> Iterator[tuple[Path, Callable[[str], None]]]:
     """replaced_atomically for an object store (genflow/storage.py), where no rename replaces a
     prefix: yield a local staging folder and `publish(file)`, which uploads `file` (relative to
-    both) to `out` and removes the staged copy.
+    both) to a hidden prefix beside `out` and removes the local copy (a file stays on local disk
+    only from when it is written until it is uploaded).
 
-    The earlier output's `last` file (the one whose presence marks a finished output) is removed
-    first, so that from then on no reader takes the prefix for a finished output, then the rest of
-    it; the block publishes its files as they are finished and `last` at the end. A failed block
-    removes what it published: the prefix holds a whole output or none, never `last` over part of
-    one. A file stays staged only from when it is written until it is published.
+    The earlier output stays untouched while the block runs: a failed or interrupted block removes
+    its hidden prefix and leaves `out` as it was. When the block succeeds, the earlier output is
+    removed (its `last` file, the one whose presence marks a finished output, first: from then on
+    no reader takes the prefix for a finished output), the new files are copied in by the store
+    (no upload again) and `last` at the end. Should that swap fail, the whole new output is still
+    in the hidden prefix, which the error names.
     """
-    storage.remove(storage.join(out, last))
-    storage.remove_tree(out)
+    parent, leaf = out.rstrip("/").rsplit("/", 1)
+    if parent.endswith(":/"):  # s3://BUCKET: no prefix beside a bucket's root to stage in
+        raise ValueError(f"{out} is a bucket's root: give a prefix in it, e.g. {out.rstrip('/')}/shards")
+    hidden = f"{parent}/.{leaf}.staging-{secrets.token_hex(4)}"
     staging = Path(tempfile.mkdtemp(prefix="genflow-staging-"))
+    published: list[str] = []
 
     def publish(file: str) -> None:
-        storage.upload(staging / file, storage.join(out, file))
+        storage.upload(staging / file, storage.join(hidden, file))
         (staging / file).unlink()
+        published.append(file)
 
     try:
         yield staging, publish
     except BaseException:
-        storage.remove_tree(out)
+        storage.remove_tree(hidden)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    try:
+        storage.remove(storage.join(out, last))
+        storage.remove_tree(out)
+        for file in sorted(published, key=lambda name: name == last):  # `last` last
+            storage.copy(storage.join(hidden, file), storage.join(out, file))
+    except BaseException as err:
+        raise RuntimeError(f"replacing {out} failed part way ({err}); the complete new output is in {hidden}: "
+                           f"copy it to {out}, or run the command again") from err
+    storage.remove_tree(hidden)

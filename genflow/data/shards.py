@@ -10,8 +10,9 @@
 
 {shards} is a folder or an object-store URI (`--out s3://bucket/shards`, genflow/storage.py). A
 folder is written beside and renamed into place; a URI, whose prefix cannot be renamed, gets each
-shard uploaded as it is finished and stats.json last (genflow.data.published_in_order): without
-stats.json a prefix is never read as shards.
+shard uploaded to a hidden prefix beside it as it is finished, copied in by the store when all
+are, stats.json last (genflow.data.published_in_order): a failed prepare leaves the earlier output
+as it was, and without stats.json a prefix is never read as shards.
 
 Images are stored as binary PPM: lossless like PNG, but decoding is a header check and a
 memory view, where a 64x64 PNG costs the loader over 100x more CPU (benchmarks/loader.py

@@ -259,26 +259,32 @@ def test_prepare_into_a_bucket_writes_what_it_writes_into_a_folder_and_stats_jso
 
     write_sample(tmp_path / "sample", n=40, seed=1)
     local = prepare_into(tmp_path / "sample", tmp_path / "shards", shard_size=8)
-    uploaded = []
-    upload = storage.upload
+    uploaded, copied = [], []
+    upload, copy = storage.upload, storage.copy
     monkeypatch.setattr(storage, "upload", lambda file, location: uploaded.append(location) or upload(file, location))
+    monkeypatch.setattr(storage, "copy", lambda source, target: copied.append(target) or copy(source, target))
     remote = f"{s3_bucket}/shards"
     stats = prepare_into(tmp_path / "sample", remote, shard_size=8)
     assert stats["shards"] == local["shards"] and stats["counts"] == local["counts"]  # byte-identical shards
     assert read_stats(remote) == stats and verify_shards(remote) == verify_shards(tmp_path / "shards")
-    assert uploaded[-2:] == [f"{remote}/manifest.parquet", f"{remote}/stats.json"] and len(uploaded) == 2 + sum(
-        len(split) for split in stats["shards"].values())
+    # Uploaded to a hidden prefix beside it as each file was finished, then copied in, stats.json last.
+    assert all(location.startswith(f"{s3_bucket}/.shards.staging-") for location in uploaded)
+    assert len(uploaded) == len(copied) == 2 + sum(len(split) for split in stats["shards"].values())
+    assert copied[-1] == f"{remote}/stats.json"
     assert storage.listdir(remote) == [("manifest.parquet", False), ("stats.json", False), ("test", True), ("train", True)]
+    assert storage.listdir(s3_bucket) == [("shards", True)]  # the hidden prefix is gone
     filesystem, path = storage.filesystem(f"{remote}/manifest.parquet")
     assert pq.read_table(path, filesystem=filesystem).equals(pq.read_table(tmp_path / "shards" / "manifest.parquet"))
 
 
-def test_a_failed_prepare_leaves_no_dataset_under_the_uri(tmp_path, s3_bucket, prepare_into, monkeypatch):
+def test_a_failed_prepare_leaves_the_earlier_dataset_under_the_uri_as_it_was(tmp_path, s3_bucket, prepare_into,
+                                                                            monkeypatch):
     from genflow import storage
 
     write_sample(tmp_path / "sample", n=20, seed=1)
     remote = f"{s3_bucket}/shards"
-    prepare_into(tmp_path / "sample", remote)
+    earlier = prepare_into(tmp_path / "sample", remote)
+    files = storage.listdir(f"{remote}/train")
     assert "replacing the earlier prepare output" in shards_module.check_replaceable(remote, tmp_path / "sample")
 
     def fail(*args, **kwargs):
@@ -287,9 +293,18 @@ def test_a_failed_prepare_leaves_no_dataset_under_the_uri(tmp_path, s3_bucket, p
     monkeypatch.setattr(shards_module, "_stats", fail)
     with pytest.raises(RuntimeError, match="stopped after"):
         prepare_into(tmp_path / "sample", remote)
-    assert storage.listdir(remote) == []  # neither the earlier output nor half of the new one
-    with pytest.raises(FileNotFoundError, match="no such shard folder"):
-        read_stats(remote)
+    # The earlier output whole (the CelebA shards cost hours to rebuild), and no half of the new one.
+    assert read_stats(remote) == earlier and storage.listdir(f"{remote}/train") == files
+    assert storage.listdir(s3_bucket) == [("shards", True)]
+
+
+def test_prepare_refuses_a_buckets_root(tmp_path, s3_bucket, prepare_into):
+    from genflow import storage
+
+    write_sample(tmp_path / "sample", n=12, seed=1)
+    with pytest.raises(ValueError, match=rf"{s3_bucket} is a bucket's root: give a prefix in it, e\.g\. {s3_bucket}/shards"):
+        prepare_into(tmp_path / "sample", s3_bucket)
+    assert storage.listdir(s3_bucket) == []
 
 
 def test_prepare_refuses_a_prefix_it_did_not_write_and_a_missing_bucket(tmp_path, s3_bucket, prepare_into):
