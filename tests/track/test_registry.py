@@ -27,18 +27,12 @@ OVERRIDES = ["train.workers=1", "train.max_steps=4", "train.checkpoint_every=4",
 def registered(ray_local, tmp_path_factory):
     """One trained, evaluated, registered tiny VAE (version 1, alias candidate)."""
     from tests.conftest import TINY_VAE
-    from genflow.config import load_params
+    from genflow.config import apply_overrides, load_params
 
     root = tmp_path_factory.mktemp("registry")
-    raw = {}
-    for item in [*TINY_VAE, *OVERRIDES, f"tracking.uri=sqlite:///{root}/mlflow.db", f"train.storage_path={root}/ray",
-                 f"data.shards={root}/shards", f"data.sample.dir={root}/sample", "train.batch_size=8"]:
-        key, value = item.split("=", 1)
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    raw = apply_overrides({}, [*TINY_VAE, *OVERRIDES, f"tracking.uri=sqlite:///{root}/mlflow.db",
+                               f"train.storage_path={root}/ray", f"data.shards={root}/shards",
+                               f"data.sample.dir={root}/sample", "train.batch_size=8"])
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
     params = load_params(params_file)

@@ -164,18 +164,14 @@ def genflow(argv: list[str], capsys) -> Outcome:
 @pytest.fixture(scope="module")
 def params_file(tmp_path_factory) -> Path:
     """A tiny VAE's params on tiny prepared shards (the tracking URI comes from the environment)."""
+    from genflow.config import apply_overrides
+
     root = tmp_path_factory.mktemp("project")
-    settings: dict = {}
     # Sample quality on 8 images, not 128: the registry needs test metrics, not good ones.
-    for item in [*TINY_VAE, *OVERRIDES, "train.batch_size=8", "train.log_every=1", f"train.storage_path={root}/ray",
-                 f"data.shards={root}/shards", f"data.sample.dir={root}/sample", "evaluate.cpu_samples=8",
-                 "evaluate.kid_subsets=2", "evaluate.kid_subset_size=4", f"evaluate.stats_cache={root}/eval_stats"]:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = settings
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    settings = apply_overrides({}, [
+        *TINY_VAE, *OVERRIDES, "train.batch_size=8", "train.log_every=1", f"train.storage_path={root}/ray",
+        f"data.shards={root}/shards", f"data.sample.dir={root}/sample", "evaluate.cpu_samples=8",
+        "evaluate.kid_subsets=2", "evaluate.kid_subset_size=4", f"evaluate.stats_cache={root}/eval_stats"])
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(settings))
     write_sample(root / "sample", n=settings["data"]["sample"]["n"])
