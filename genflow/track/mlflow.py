@@ -345,7 +345,7 @@ class RankZeroLogger:
 # MLflow's credential variables. Never sent in a Ray runtime_env (the Ray dashboard shows its
 # env_vars to anyone who reaches it): a local Ray's workers inherit them from the process that
 # started Ray, a cluster's nodes carry them from the cluster's secret (infra/).
-CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+CREDENTIALS = (*LOGIN_VARIABLES, "MLFLOW_TRACKING_TOKEN")
 # The names (never the values) of the credential variables the driver uses, so that a process
 # without them fails at once, naming them, instead of at its first 401.
 CREDENTIALS_NEEDED = "GENFLOW_MLFLOW_CREDENTIALS"
