@@ -1,10 +1,14 @@
 """System metrics from the machines that train: one MLflow SystemMetricsMonitor per node.
 
 The local rank 0 worker of each node (genflow/train/loop.py) samples that node's CPU, memory,
-disk and network use, and its GPUs' (utilisation, memory, power: through `nvidia-ml-py`, where
-NVML finds a driver; NVML sees every GPU of the machine or container, whatever CUDA_VISIBLE_DEVICES
-Ray gives the worker), into the run it trains: `system/NODE/cpu_utilization_percentage`,
-`system/NODE/gpu_0_utilization_percentage`, ... NODE is `node<rank>-<host>`: Ray Train's node
+disk and network use, and the GPUs the run holds there (utilisation, memory, power: through
+`nvidia-ml-py`, where NVML finds a driver), into the run it trains:
+`system/NODE/cpu_utilization_percentage`, `system/NODE/gpu_0_utilization_percentage`, ...
+
+NVML sees every GPU of the machine, also those that Ray gave to other trials sharing the node; the
+run's own are those in CUDA_VISIBLE_DEVICES, which Ray Train sets, on each node, to the GPUs of all
+the run's workers there. So `gpu_I` is the run's CUDA device I on that node (`cuda:I` in its
+workers), and a run that trains on CPUs logs no GPU metrics. NODE is `node<rank>-<host>`: Ray Train's node
 rank and the machine's host name (a Kubernetes pod's, an EC2 instance's), so a slow node is
 found by name. The driver logs none (on a cluster it is the CPU head, which trains nothing).
 
@@ -32,10 +36,13 @@ def node_id(node_rank: int, host: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def node_system_metrics(tracking_uri: str, run_id: str, node: str, every_s: float) -> Iterator[object | None]:
+def node_system_metrics(tracking_uri: str, run_id: str, node: str, every_s: float,
+                        gpus: list[str] | None = None) -> Iterator[object | None]:
     """Sample this node's system metrics into run `run_id` every `every_s` seconds (none when 0)
     while the block runs; the sampling thread is stopped, and what it sampled written, when the
-    block ends, also by an exception. Yields the monitor (None when off)."""
+    block ends, also by an exception. `gpus`: the GPUs of the run on this node, as
+    CUDA_VISIBLE_DEVICES lists them (held_gpus); None: every GPU NVML sees. Yields the monitor
+    (None when off)."""
     if not every_s:
         yield None
         return
@@ -47,8 +54,39 @@ def node_system_metrics(tracking_uri: str, run_id: str, node: str, every_s: floa
     # resume_logging: a resumed run's samples continue after those of its earlier attempt.
     monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True, node_id=node,
                                    tracking_uri=tracking_uri)
+    if gpus is not None:
+        _only_these_gpus(monitor, gpus)
     monitor.start()
     try:
         yield monitor
     finally:
         monitor.finish()
+
+
+def held_gpus(use_gpu: bool, visible: str | None) -> list[str] | None:
+    """The GPUs a worker's run holds on its node: CUDA_VISIBLE_DEVICES's entries (`visible`), none
+    when the run trains on CPUs (Ray may still leave the variable unset then), and None (all of
+    them) when a GPU run has the variable unset (outside Ray: the process sees every GPU)."""
+    if not use_gpu:
+        return []
+    if visible is None:
+        return None
+    return [entry.strip() for entry in visible.split(",") if entry.strip()]
+
+
+def _only_these_gpus(monitor, gpus: list[str]) -> None:
+    """Point the monitor's NVML sampler at `gpus` alone (CUDA_VISIBLE_DEVICES entries: an index, as
+    Ray writes them, or a GPU-/MIG- UUID), in that order; drop it when there are none."""
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+    for sampler in [m for m in monitor.monitors if isinstance(m, GPUMonitor)]:
+        if not gpus:
+            monitor.monitors.remove(sampler)
+            continue
+        import pynvml
+
+        # Ray numbers a node's GPUs as NVML does (its GPU count comes from NVML), so an index
+        # names the same device to both.
+        sampler.gpu_handles = [pynvml.nvmlDeviceGetHandleByIndex(int(gpu)) if gpu.isdigit()
+                               else pynvml.nvmlDeviceGetHandleByUUID(gpu) for gpu in gpus]
+        sampler.num_gpus = len(gpus)

@@ -46,7 +46,7 @@ from genflow.models.protocol import Batch, GenerativeModel
 from genflow.train.step import Optimization, ddp_options, distributed, gather_batch, optimisation_step
 from genflow.train.checkpoint import restore_model, restore_optimizers, restore_rank_state, save_checkpoint
 from genflow.track.mlflow import FAILURE_TAG, RankZeroLogger, check_credentials
-from genflow.track.system_metrics import node_id, node_system_metrics
+from genflow.track.system_metrics import held_gpus, node_id, node_system_metrics
 
 
 class EpochSource(Protocol):
@@ -221,7 +221,8 @@ def train_worker(config: WorkerConfig) -> None:
     context = ray.train.get_context()
     check_credentials(f"Ray Train worker {context.get_world_rank()} on {socket.gethostname()}")
     every = config.train.system_metrics_every if context.get_local_rank() == 0 else 0
-    with node_system_metrics(config.tracking_uri, config.mlflow_run_id, node_id(context.get_node_rank()), every):
+    gpus = held_gpus(config.train.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    with node_system_metrics(config.tracking_uri, config.mlflow_run_id, node_id(context.get_node_rank()), every, gpus):
         train_rank(config, context.get_world_rank(), context.get_world_size())
 
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from genflow.config import TrainParams
-from genflow.track.system_metrics import node_id, node_system_metrics
+from genflow.track.system_metrics import held_gpus, node_id, node_system_metrics
 from genflow.train import loop
 
 
@@ -31,7 +31,7 @@ def test_the_node_id_names_the_node_rank_and_the_host_in_characters_mlflow_takes
     assert node_id(1) == f"node1-{socket.gethostname()}".replace(":", "_").replace(" ", "_")
 
 
-def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_raises(store, monkeypatch, capfd):
+def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_raises(store, monkeypatch, capfd, four_gpus):
     uri, experiment_id = store
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(experiment_id).info.run_id
@@ -53,30 +53,60 @@ def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_rais
     metrics = client.get_run(run_id).data.metrics
     assert f"system/{node_id(0)}/cpu_utilization_percentage" in metrics
     assert not [key for key in metrics if not key.startswith(f"system/{node_id(0)}/")]
-    # No GPU here (or no NVIDIA driver): no GPU metrics, and nothing said about it on the console.
+    # A CPU run (train.gpu false) on a node with GPUs, which other runs may hold: no GPU metrics,
+    # and nothing said about it on the console.
     assert not [key for key in metrics if "/gpu_" in key] and "GPU" not in capfd.readouterr().err
 
 
-def test_a_node_with_an_nvidia_gpu_logs_its_gpu_metrics_through_nvml(store, monkeypatch):
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """NVML faked with four GPUs whose utilisation is 10, 20, 30, 40 %; their handles by index and
+    by UUID (GPU-0 ... GPU-3)."""
     import pynvml  # nvidia-ml-py, which MLflow's GPU monitor reads; NVML itself is faked here
 
     fake = {
-        "nvmlInit": lambda: None, "nvmlDeviceGetCount": lambda: 1, "nvmlDeviceGetHandleByIndex": lambda i: f"gpu{i}",
+        "nvmlInit": lambda: None, "nvmlDeviceGetCount": lambda: 4, "nvmlDeviceGetHandleByIndex": lambda i: i,
+        "nvmlDeviceGetHandleByUUID": lambda uuid: int(uuid.removeprefix("GPU-")),
         "nvmlDeviceGetMemoryInfo": lambda handle: SimpleNamespace(used=2e9, total=8e9),
-        "nvmlDeviceGetUtilizationRates": lambda handle: SimpleNamespace(gpu=42),
+        "nvmlDeviceGetUtilizationRates": lambda handle: SimpleNamespace(gpu=10 * (handle + 1)),
         "nvmlDeviceGetPowerUsage": lambda handle: 100_000, "nvmlDeviceGetEnforcedPowerLimit": lambda handle: 400_000,
     }
     for name, function in fake.items():
         monkeypatch.setattr(pynvml, name, function)
+
+
+def gpu_utilisation(client, run_id: str, node: str) -> dict[str, float]:
+    return {key.removeprefix(f"system/{node}/"): value for key, value in client.get_run(run_id).data.metrics.items()
+            if key.endswith("utilization_percentage") and "/gpu_" in key}
+
+
+@pytest.mark.parametrize("held, expected", [
+    (None, {"gpu_0": 10, "gpu_1": 20, "gpu_2": 30, "gpu_3": 40}),  # outside Ray: all the process sees
+    (["3", "1"], {"gpu_0": 40, "gpu_1": 20}),  # the run's cuda:0 is the node's GPU 3
+    (["GPU-2"], {"gpu_0": 30}),  # CUDA_VISIBLE_DEVICES may name a GPU by UUID
+    ([], {}),  # a CPU run on a GPU node
+])
+def test_a_node_logs_the_gpus_its_run_holds_there_through_nvml(store, four_gpus, held, expected):
     uri, experiment_id = store
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(experiment_id).info.run_id
-    with node_system_metrics(uri, run_id, "node1-gpuhost", every_s=0.1):
+    with node_system_metrics(uri, run_id, "node1-gpuhost", every_s=0.1, gpus=held):
         time.sleep(0.5)
+    assert gpu_utilisation(client, run_id, "node1-gpuhost") == {f"{gpu}_utilization_percentage": value
+                                                                for gpu, value in expected.items()}
     metrics = client.get_run(run_id).data.metrics
-    assert metrics["system/node1-gpuhost/gpu_0_utilization_percentage"] == 42
-    assert metrics["system/node1-gpuhost/gpu_0_memory_usage_percentage"] == 25
-    assert metrics["system/node1-gpuhost/gpu_0_power_usage_watts"] == 100
+    if expected:
+        assert metrics["system/node1-gpuhost/gpu_0_memory_usage_percentage"] == 25
+        assert metrics["system/node1-gpuhost/gpu_0_power_usage_watts"] == 100
+    assert "system/node1-gpuhost/cpu_utilization_percentage" in metrics
+
+
+def test_the_gpus_a_worker_holds_are_its_cuda_visible_devices_and_none_for_a_cpu_run():
+    assert held_gpus(True, "2,3") == ["2", "3"]
+    assert held_gpus(True, "GPU-5f1c, GPU-77aa") == ["GPU-5f1c", "GPU-77aa"]
+    assert held_gpus(True, "") == []
+    assert held_gpus(True, None) is None
+    assert held_gpus(False, "0,1") == [] and held_gpus(False, None) == []
 
 
 def test_only_each_nodes_local_rank_0_samples(store, monkeypatch):
