@@ -183,6 +183,8 @@ def test_a_changed_image_under_a_celeba_source_outside_the_project_invalidates_p
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["data"]["source"] = str(celeba)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "data/sample").mkdir(parents=True)
+    (project / "data/sample/0.jpg").write_bytes(b"0")  # stands for the synth stage's output
     (project / "data/shards").mkdir(parents=True)
     (project / "data/shards/stats.json").write_text("{}")  # stands for prepare's output: not run here
     run(["git", "init", "-q"], project)
@@ -196,6 +198,7 @@ def test_a_changed_image_under_a_celeba_source_outside_the_project_invalidates_p
     (celeba / "img_align_celeba" / "000001.jpg").write_bytes(b"another image")
     status = run(["dvc", "status", "prepare"], project)
     assert "changed deps" in status and f"modified:           {celeba}" in status
+    assert '"synth" -> "prepare"' in run(["dvc", "dag", "--dot", "prepare"], project)
 
 
 def test_the_sample_keyword_resolves_to_the_sample_as_prepares_dependency(tmp_path):
@@ -226,3 +229,17 @@ def test_the_sample_keyword_resolves_to_the_sample_as_prepares_dependency(tmp_pa
     (project / "data/sample/1.jpg").write_bytes(b"another image")
     status = run(["dvc", "status", "prepare"], project)
     assert "changed deps" in status and "modified:           sample" in status
+    # `dvc repro prepare` runs synth first: the edge is there although `sample` is not synth's output path.
+    assert '"synth" -> "prepare"' in run(["dvc", "dag", "--dot", "prepare"], project)
+
+
+def test_the_sample_keyword_in_a_checkout_without_symlinks_is_refused_naming_the_path_to_give(tmp_path):
+    # Windows without developer mode, or a zip, checks the link out as a text file holding its target.
+    (tmp_path / "sample").write_text("data/sample")
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["data"]["source"] = "sample"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run(["python3", "-m", "pipelines.prepare"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    assert done.returncode != 0 and not (tmp_path / "data").exists()
+    assert "give the sample by its path: dvc exp run -S data.source=data/sample" in done.stderr
