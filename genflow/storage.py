@@ -178,6 +178,20 @@ def worker_env() -> dict[str, str]:
     return {name: os.environ[name] for name in STORE_SETTINGS if os.environ.get(name)}
 
 
+def refusal(location: str, err: Exception) -> StorageError:
+    """The StorageError of a store that refused `location` or could not be reached: what it said,
+    and what to check."""
+    kind = scheme(location) or ""
+    if kind not in _CREDENTIALS_HINT:
+        return StorageError(f"{location}: the store refused or could not be reached ({str(err).strip()}); check that "
+                            "it exists and is reachable from here")
+    where = ", AWS_REGION and, for an S3-compatible server, AWS_ENDPOINT_URL" if kind == "s3" else ""
+    return StorageError(f"{location}: the store refused or could not be reached ({str(err).strip()}); check that "
+                        f"the bucket exists; check the credentials ({_CREDENTIALS_HINT[kind]}){where}. Ray workers use "
+                        "their own node's credentials (genflow passes on no keys): on a Ray cluster, set them on "
+                        "every Ray node, where Ray is started")
+
+
 @contextmanager
 def _errors(location: str) -> Iterator[None]:
     """A store's own failure as a StorageError naming the location and what to check; a missing
@@ -187,12 +201,7 @@ def _errors(location: str) -> Iterator[None]:
     except (FileNotFoundError, StorageError):
         raise
     except (OSError, ValueError) as err:
-        kind = scheme(location) or ""
-        where = {"s3": ", AWS_REGION and, for an S3-compatible server, AWS_ENDPOINT_URL"}.get(kind, "")
-        raise StorageError(f"{location}: the store refused or could not be reached ({str(err).strip()}); check that "
-                           f"the bucket exists, the credentials ({_CREDENTIALS_HINT.get(kind, 'the path')}){where}. "
-                           "Ray workers use their own node's credentials (genflow passes on no keys): on a Ray "
-                           "cluster, set them on every Ray node, where Ray is started") from None
+        raise refusal(location, err) from None
 
 
 def _info(location: str) -> pafs.FileInfo:
