@@ -7,6 +7,7 @@ import os
 import pytest
 
 from genflow.config import load_params
+from genflow.storage import STORE_SETTINGS
 
 TINY_VAE = [
     "models.vae.hidden_channels=[8,16,32,32]",
@@ -47,18 +48,12 @@ def ray_local(s3_endpoint):
     from genflow.config import RayParams
     from genflow.train.trainer import ensure_ray
 
-    before = {name: os.environ.get(name) for name in (*S3_VARIABLES, *s3_node_env(s3_endpoint))}
-    for name in S3_VARIABLES:
-        os.environ.pop(name, None)
-    os.environ.update(s3_node_env(s3_endpoint))
-    try:
+    with pytest.MonkeyPatch.context() as starting:  # Ray's processes inherit the environment it starts in
+        for name in S3_VARIABLES:
+            starting.delenv(name, raising=False)
+        for name, value in s3_node_env(s3_endpoint).items():
+            starting.setenv(name, value)
         ensure_ray(RayParams())
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     yield
     ray.shutdown()
 
@@ -96,8 +91,7 @@ def s3_endpoint():
 
 # Every variable that says which S3 store or whose credentials (genflow/storage.py): the tests'
 # own values replace a user's.
-S3_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+S3_VARIABLES = (*STORE_SETTINGS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 S3_SECRET = "genflow-test-secret"  # what no object in the store may hold (tests/tune/test_search.py)
 
 

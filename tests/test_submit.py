@@ -76,7 +76,7 @@ def test_address_must_be_the_dashboard_url():
 
 
 def test_runtime_env_turns_telemetry_off_and_passes_the_tracking_server(monkeypatch, tmp_path):
-    for name in (*CREDENTIALS, *STORE_SETTINGS):
+    for name in (*CREDENTIALS, *STORE_SETTINGS, "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     env = runtime_env(str(tmp_path))  # not a git checkout: no commit to pass
@@ -134,7 +134,8 @@ def test_the_job_is_told_which_object_store_never_its_credentials(monkeypatch, t
     for name in STORE_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     settings = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ENDPOINT_URL_S3": "http://minio:9000",
-                "AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1"}
+                "AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1",
+                "MLFLOW_S3_ENDPOINT_URL": "http://minio:9000"}  # MLflow's artifact client's own
     secrets_here = {"AWS_ACCESS_KEY_ID": "key-id-value", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
                     "AWS_SESSION_TOKEN": "t0ken-value", "AWS_PROFILE": "my-profile",
                     "GOOGLE_APPLICATION_CREDENTIALS": "/home/me/gcs-key.json"}
