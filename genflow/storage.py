@@ -8,11 +8,25 @@ A location is a string. A local path (relative, absolute, a mount every node sha
 written with Python's own files, exactly as without this module; `file:///abs/path` is the same
 path written as a URI. A URI names an object store by its scheme:
 
-  s3://BUCKET/KEY   Amazon S3 or an S3-compatible server (MinIO, Ceph, moto). The credentials are
-                    the standard AWS ones (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
-                    AWS_SESSION_TOKEN, AWS_PROFILE, an instance role); the region AWS_REGION or
-                    AWS_DEFAULT_REGION; another endpoint AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL.
+  s3://BUCKET/KEY   Amazon S3 or an S3-compatible server (MinIO, Ceph, moto). The region is
+                    AWS_REGION or AWS_DEFAULT_REGION; another endpoint AWS_ENDPOINT_URL_S3 or
+                    AWS_ENDPOINT_URL. The credentials are AWS's standard chain, read by each process
+                    where it runs: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN,
+                    AWS_PROFILE, an instance role, IRSA.
   gs://BUCKET/KEY   Google Cloud Storage (GOOGLE_APPLICATION_CREDENTIALS, or the machine's account).
+
+A location never carries credentials (s3://KEY:SECRET@BUCKET is refused): they would be printed,
+logged and saved with the runs that name it.
+
+Every process reaches the store with its own node's credentials, as Ray documents for its
+storage: genflow passes on only which store (STORE_SETTINGS: the endpoint and region, in the Ray
+runtime_envs it sets, `worker_env`), never a key, a token, a profile name or a credentials file's
+path. Ray pickles the filesystem of its RunConfig into the run's saved state in the store itself
+(Tune's tuner.pkl), and the dashboard shows every runtime_env; a profile or a file path may not
+exist on another node, and a session token would be frozen at submit time. The local Ray that
+genflow starts inherits this process's whole environment, so keys set in the shell work there;
+on a Ray cluster every node needs credentials of its own, set where Ray is started on it (an
+instance role, IRSA / GKE workload identity, or the variables in the nodes' environment).
 
 pyarrow's filesystems do the work; Ray Train and pyarrow.parquet take them as they are. An object
 store has no rename: a write there is one object, whole or absent, and what must look atomic
@@ -39,11 +53,14 @@ import pyarrow.fs as pafs
 from genflow.atomic import write_atomically
 
 REMOTE_SCHEMES = ("s3", "gs")
-# What a Ray worker on another node needs to reach the same store (genflow/train/trainer.py).
-STORAGE_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
-    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS",
-)
+# Which store a location names, beyond its URI: not secret, and the same on every node, so they are
+# passed on to Ray's processes (worker_env). Credentials are each node's own (see the docstring).
+STORE_SETTINGS = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Where a process finds its credentials for each store (for error messages).
+_CREDENTIALS_HINT = {
+    "s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS or the machine's service account",
+}
 _READ_BUFFER = 1 << 20
 # pyarrow reads an object by one ranged GET per buffer fill: large fills amortise a store's
 # per-request latency (tens of ms on S3) over the transfer.
@@ -72,6 +89,12 @@ def is_remote(location: str | Path) -> bool:
     if found not in REMOTE_SCHEMES:
         raise StorageError(f"{location}: unknown storage scheme {found}://; use a local or shared path, file://, "
                            f"s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
+    bucket, slash, key = str(location).split("://", 1)[1].partition("/")
+    if "@" in bucket:  # no bucket name holds one: USER:SECRET@BUCKET, which pyarrow would use as keys
+        shown = f"{found}://{bucket.rsplit('@', 1)[1]}{slash}{key}"
+        raise StorageError(f"{shown}: the location carries credentials (USER:SECRET@ before the bucket), which would "
+                           f"be printed, logged and saved with the runs; use {shown}, with the credentials in the "
+                           f"environment of each machine that uses it ({_CREDENTIALS_HINT[found]})")
     return True
 
 
@@ -114,28 +137,25 @@ def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(local_path(location).resolve())
     uri = resolved(location)
     with _errors(uri):
-        return _filesystem(scheme(uri), uri.split("/", 3)[2], _environment()), uri.split("://", 1)[1]
-
-
-def _environment() -> tuple[tuple[str, str | None], ...]:
-    # Part of the cache key: a changed credential or endpoint makes a new filesystem.
-    return tuple((name, os.environ.get(name)) for name in STORAGE_ENV_VARS)
+        return _filesystem(scheme(uri), uri.split("/", 3)[2], tuple(worker_env().items())), uri.split("://", 1)[1]
 
 
 @lru_cache(maxsize=16)
-def _filesystem(kind: str, bucket: str, environment: tuple) -> pafs.FileSystem:
-    env = dict(environment)
+def _filesystem(kind: str, bucket: str, settings: tuple[tuple[str, str], ...]) -> pafs.FileSystem:
+    # `settings` (STORE_SETTINGS as set here) is part of the cache key: another endpoint or region
+    # makes a new filesystem. Credentials are not: the filesystem reads them from the environment of
+    # the process using it at each request.
+    env = dict(settings)
     if kind != "s3":
         return pafs.FileSystem.from_uri(f"{kind}://{bucket}")[0]
-    # The settings are made explicit, so that the filesystem Ray pickles for its controller and
-    # workers (RunConfig.storage_filesystem) reaches the same store from processes that do not
-    # have this environment (Ray's own documented use); unset ones stay AWS's default chain
-    # (AWS_PROFILE, an instance role). An S3-compatible server takes any region name.
-    endpoint = env["AWS_ENDPOINT_URL_S3"] or env["AWS_ENDPOINT_URL"]
-    region = env["AWS_REGION"] or env["AWS_DEFAULT_REGION"] or ("us-east-1" if endpoint else pafs.resolve_s3_region(bucket))
-    keys = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"],
-            "session_token": env["AWS_SESSION_TOKEN"]} if env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"] else {}
-    return pafs.S3FileSystem(endpoint_override=endpoint, region=region, **keys)
+    # The endpoint and region are made explicit, so that the filesystem Ray pickles for its
+    # controller and workers (RunConfig.storage_filesystem) names the same store wherever it is
+    # unpickled. No key, token or profile: that pickle is saved in the store (Tune's tuner.pkl), and
+    # each node authenticates by AWS's default chain. An S3-compatible server takes any region name.
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    region = (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+              or ("us-east-1" if endpoint else pafs.resolve_s3_region(bucket)))
+    return pafs.S3FileSystem(endpoint_override=endpoint, region=region)
 
 
 def ray_storage(location: str | Path) -> tuple[str, pafs.FileSystem | None]:
@@ -152,21 +172,24 @@ def in_ray_storage(path: str, storage: str | Path) -> str:
     return f"{scheme(str(storage))}://{path.lstrip('/')}" if is_remote(storage) else path
 
 
-# The secrets among them travel only inside pickled task arguments (genflow.train.loop.WorkerConfig,
-# genflow.tune.search.TrialSetup), never in a Ray runtime_env: the dashboard shows runtime_envs to
-# anyone who reaches it.
-SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-
-def store_env() -> dict[str, str]:
-    """The storage variables set here, secrets included: for Ray tasks' pickled arguments."""
-    return {name: os.environ[name] for name in STORAGE_ENV_VARS if name in os.environ}
-
-
 def worker_env() -> dict[str, str]:
-    """The storage variables set here less the secrets: for Ray runtime_envs (which may start
-    processes where they are not set, and which the dashboard shows)."""
-    return {name: value for name, value in store_env().items() if name not in SECRET_ENV_VARS}
+    """The STORE_SETTINGS set here, for the Ray runtime_envs genflow sets (the job's, the Train
+    workers'): which store, never credentials (each node has its own; see the docstring)."""
+    return {name: os.environ[name] for name in STORE_SETTINGS if os.environ.get(name)}
+
+
+def refusal(location: str, err: Exception) -> StorageError:
+    """The StorageError of a store that refused `location` or could not be reached: what it said,
+    and what to check."""
+    kind = scheme(location) or ""
+    if kind not in _CREDENTIALS_HINT:
+        return StorageError(f"{location}: the store refused or could not be reached ({str(err).strip()}); check that "
+                            "it exists and is reachable from here")
+    where = ", AWS_REGION and, for an S3-compatible server, AWS_ENDPOINT_URL" if kind == "s3" else ""
+    return StorageError(f"{location}: the store refused or could not be reached ({str(err).strip()}); check that "
+                        f"the bucket exists; check the credentials ({_CREDENTIALS_HINT[kind]}){where}. Ray workers use "
+                        "their own node's credentials (genflow passes on no keys): on a Ray cluster, set them on "
+                        "every Ray node, where Ray is started")
 
 
 @contextmanager
@@ -178,11 +201,7 @@ def _errors(location: str) -> Iterator[None]:
     except (FileNotFoundError, StorageError):
         raise
     except (OSError, ValueError) as err:
-        hint = {"s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), AWS_REGION and, for an "
-                      "S3-compatible server, AWS_ENDPOINT_URL",
-                "gs": "GOOGLE_APPLICATION_CREDENTIALS"}.get(scheme(location) or "", "the path")
-        raise StorageError(f"{location}: the store refused or could not be reached ({str(err).strip()}); check that "
-                           f"the bucket exists and {hint}") from None
+        raise refusal(location, err) from None
 
 
 def _info(location: str) -> pafs.FileInfo:

@@ -22,10 +22,11 @@ every job would take minutes.
 The job cannot read or write this machine's files: shards and checkpoints go on a file system
 every node mounts (`-S data.shards=/mnt/genflow/shards -S train.storage_path=/mnt/genflow/ray_results`
 with infra/) or in an object store (`s3://BUCKET/shards`, `s3://BUCKET/ray_results`: genflow/storage.py;
-the nodes' own credentials are used), runs to an MLflow tracking server (MLFLOW_TRACKING_URI=http://HOST:5000, which
-is passed on to the job). A relative path there would name a folder in the job's throwaway copy
-of the project, so the command is checked here first (its arguments, its params, those paths)
-and refused before anything is uploaded.
+the endpoint and region set here are passed on, the credentials are the nodes' own), runs to an
+MLflow tracking server (MLFLOW_TRACKING_URI=http://HOST:5000, which is passed on to the job). A
+relative path there would name a folder in the job's throwaway copy of the project, so the command
+is checked here first (its arguments, its params, those paths) and refused before anything is
+uploaded.
 """
 
 from __future__ import annotations
@@ -248,14 +249,18 @@ def _refuse_relative(relative: dict[str, str]) -> None:
 
 def runtime_env(working_dir: str = ".") -> dict:
     """The job's runtime_env: the project (minus upload_excludes), telemetry off, the tracking URI,
-    the checkout's git commit, and the names (never the values) of the MLflow credential
-    variables the job's processes need: they take them from their nodes (genflow/track/mlflow.py)."""
+    the checkout's git commit, which object stores (their endpoint and region: genflow.storage.worker_env,
+    MLflow's MLFLOW_S3_ENDPOINT_URL) and the names (never the values) of the MLflow credential
+    variables the job's processes need: they take those, and the object stores' credentials, from
+    their nodes (genflow/track/mlflow.py, genflow/storage.py)."""
     from genflow.provenance import git_env
+    from genflow.storage import worker_env
     from genflow.track.mlflow import CREDENTIALS_NEEDED, credentials_in_use
 
-    env_vars = {**TELEMETRY_OFF, **git_env(working_dir)}
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    env_vars = {**TELEMETRY_OFF, **git_env(working_dir), **worker_env()}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
+        if os.environ.get(name):
+            env_vars[name] = os.environ[name]
     if credentials_in_use():
         env_vars[CREDENTIALS_NEEDED] = ",".join(credentials_in_use())
     return {"working_dir": str(working_dir), "excludes": upload_excludes(Path(working_dir)), "env_vars": env_vars}

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from genflow.config import load_params
+from genflow.storage import STORE_SETTINGS
 
 TINY_VAE = [
     "models.vae.hidden_channels=[8,16,32,32]",
@@ -35,14 +36,24 @@ def tiny_params(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session: starting Ray costs seconds each time."""
+def ray_local(s3_endpoint):
+    """One local Ray for the whole session: starting Ray costs seconds each time.
+
+    Its processes have the session's S3 server and its credentials in their environment, as a
+    Ray cluster's nodes have their own (genflow passes no credentials on: genflow/storage.py);
+    this process gets them only while Ray starts, and each test that uses the store sets them
+    itself (s3_bucket)."""
     import ray
 
     from genflow.config import RayParams
     from genflow.train.trainer import ensure_ray
 
-    ensure_ray(RayParams())
+    with pytest.MonkeyPatch.context() as starting:  # Ray's processes inherit the environment it starts in
+        for name in S3_VARIABLES:
+            starting.delenv(name, raising=False)
+        for name, value in s3_node_env(s3_endpoint).items():
+            starting.setenv(name, value)
+        ensure_ray(RayParams())
     yield
     ray.shutdown()
 
@@ -78,22 +89,45 @@ def s3_endpoint():
     server.stop()
 
 
+# Every variable that says which S3 store or whose credentials (genflow/storage.py): the tests'
+# own values replace a user's.
+S3_VARIABLES = (*STORE_SETTINGS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+S3_SECRET = "genflow-test-secret"  # what no object in the store may hold (tests/tune/test_search.py)
+
+
+def s3_node_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables that reach the session's S3 server, as a user sets them for an
+    S3-compatible store."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "genflow-test", "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint, monkeypatch):
     """A new bucket on the session's S3 server, and the standard AWS variables of this process
-    pointing at it (as a user sets them for an S3-compatible store): "s3://BUCKET"."""
+    pointing at it (the same as ray_local's processes have): "s3://BUCKET"."""
     import uuid
 
     import boto3
 
-    from genflow.storage import STORAGE_ENV_VARS
-
-    for name in STORAGE_ENV_VARS:
+    for name in S3_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "genflow-test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "genflow-test-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name, value in s3_node_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
     bucket = f"genflow-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return f"s3://{bucket}"
+
+
+def objects_holding(location: str, secret: str) -> list[str]:
+    """The objects under `location` (a URI) whose bytes hold `secret`."""
+    from genflow import storage
+
+    found = []
+    for name, is_folder in storage.listdir(location):
+        inside = storage.join(location, name)
+        if is_folder:
+            found += objects_holding(inside, secret)
+        elif secret.encode() in storage.read_bytes(inside):
+            found.append(inside)
+    return found

@@ -1,6 +1,7 @@
 """Locations: local paths work as before, URIs reach an S3-compatible server (moto on loopback),
 and what cannot work is a clear error naming the location."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -54,17 +55,67 @@ def test_files_round_trip_through_the_store(s3_bucket, tmp_path):
     assert storage.listdir(s3_bucket) == [] and storage.missing_bucket(s3_bucket) is None
 
 
-def test_the_filesystem_ray_pickles_reaches_the_store_without_this_environment(s3_bucket):
-    # Ray's controller and workers get RunConfig.storage_filesystem pickled, in processes that may
-    # not have this process's AWS variables.
+def test_the_filesystem_ray_pickles_holds_no_credential_and_uses_the_unpickling_processs_own(s3_bucket, monkeypatch):
+    # Ray pickles RunConfig.storage_filesystem for its controller and workers, and Tune saves that
+    # pickle in the store (tuner.pkl): it says which store, and every process authenticates with
+    # the credentials of its own node.
+    import boto3
+    import ray.cloudpickle
+    from moto import settings
+
     storage.write_bytes(f"{s3_bucket}/x/a.txt", "from the driver")
+    iam = boto3.client("iam")
+    user = f"genflow-{s3_bucket[-12:]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks every request's keys from here
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-t0ken-value")
     path, filesystem = storage.ray_storage(f"{s3_bucket}/x")
     assert isinstance(filesystem, pafs.S3FileSystem) and path == s3_bucket.removeprefix("s3://") + "/x"
-    clean_env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    for pickled in (pickle.dumps(filesystem), ray.cloudpickle.dumps(filesystem)):
+        for credential in (key["SecretAccessKey"], key["AccessKeyId"], "session-t0ken-value"):
+            assert credential.encode() not in pickled
+
+    # Unpickled where only the keys are set (not the endpoint: the pickle names it), it reads with them.
     code = "import pickle, sys; fs = pickle.loads(sys.stdin.buffer.read()); print(fs.open_input_stream(sys.argv[1]).read().decode())"
-    done = subprocess.run([sys.executable, "-c", code, f"{path}/a.txt"], input=pickle.dumps(filesystem),
-                          capture_output=True, env=clean_env, timeout=60)
-    assert done.stdout.decode().strip() == "from the driver", done.stderr.decode()[-2000:]
+    node_env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    node_env.update(AWS_EC2_METADATA_DISABLED="true", AWS_ACCESS_KEY_ID=key["AccessKeyId"])
+    for secret, expected in ((key["SecretAccessKey"], "from the driver"), ("not-the-secret", "")):
+        done = subprocess.run([sys.executable, "-c", code, f"{path}/a.txt"], input=pickle.dumps(filesystem),
+                              capture_output=True, env={**node_env, "AWS_SECRET_ACCESS_KEY": secret}, timeout=60)
+        assert done.stdout.decode().strip() == expected, done.stderr.decode()[-2000:]
+    assert "ACCESS_DENIED" in done.stderr.decode() or "SignatureDoesNotMatch" in done.stderr.decode(), done.stderr.decode()[-2000:]
+
+
+def test_workers_are_told_which_store_never_its_credentials(monkeypatch):
+    # genflow.storage.worker_env goes into the Ray runtime_envs genflow sets: the dashboard shows
+    # them, and a profile name or a credentials file's path names nothing on another node.
+    settings = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ENDPOINT_URL_S3": "http://minio:9000",
+                "AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1"}
+    credentials = {"AWS_ACCESS_KEY_ID": "key-id-value", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+                   "AWS_SESSION_TOKEN": "t0ken-value", "AWS_PROFILE": "my-profile",
+                   "GOOGLE_APPLICATION_CREDENTIALS": "/home/me/gcs-key.json"}
+    for name, value in {**settings, **credentials}.items():
+        monkeypatch.setenv(name, value)
+    assert storage.worker_env() == settings
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("AWS_REGION", "")
+    assert storage.worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+
+
+@pytest.mark.parametrize("location", ["s3://AKIAKEY:wJalrXUtnFEMI@bucket/shards", "s3://AKIAKEY@bucket",
+                                      "gs://ya29.a0Af@bucket/ray", "s3://:wJalrXUtnFEMI@bucket/x"])
+def test_a_location_with_credentials_in_it_is_refused_without_echoing_them(location):
+    shown = location.split("://")[0] + "://" + location.split("@", 1)[1]
+    for use in (storage.resolved, storage.is_remote, storage.read_bytes, lambda where: storage.join(where, "a")):
+        with pytest.raises(StorageError, match=rf"^{shown}: the location carries credentials") as refused:
+            use(location)
+        assert not any(part in str(refused.value) for part in ("wJalrXUtnFEMI", "AKIAKEY", "ya29"))
+    assert storage.resolved("s3://bucket/an@in-a-key") == "s3://bucket/an@in-a-key"  # a key may hold one
 
 
 def test_a_missing_bucket_or_file_is_named(s3_bucket):
@@ -88,5 +139,5 @@ def test_wrong_credentials_are_a_clear_error_naming_the_uri(s3_bucket, monkeypat
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEY")
     for action in (lambda: storage.read_bytes(f"{s3_bucket}/a.txt"), lambda: storage.write_bytes(f"{s3_bucket}/b.txt", "y"),
                    lambda: storage.listdir(s3_bucket)):
-        with pytest.raises(StorageError, match=rf"{s3_bucket}.*: the store refused .*AWS_ACCESS_KEY_ID"):
+        with pytest.raises(StorageError, match=rf"{s3_bucket}.*: the store refused .*AWS_ACCESS_KEY_ID.* on every Ray node"):
             action()

@@ -23,6 +23,7 @@ import requests
 from genflow._telemetry import TELEMETRY_OFF
 from genflow.data.synth import write_sample
 from genflow.provenance import GIT_COMMIT_TAG, GIT_DIRTY_TAG, SUBMITTED_COMMIT, SUBMITTED_DIRTY, provenance_tags
+from genflow.storage import STORE_SETTINGS
 from genflow.submit import EXCLUDES, SubmitError, check_command, project_root, runtime_env, submit
 from genflow.track.mlflow import CREDENTIALS, CREDENTIALS_NEEDED
 
@@ -75,7 +76,7 @@ def test_address_must_be_the_dashboard_url():
 
 
 def test_runtime_env_turns_telemetry_off_and_passes_the_tracking_server(monkeypatch, tmp_path):
-    for name in CREDENTIALS:
+    for name in (*CREDENTIALS, *STORE_SETTINGS, "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     env = runtime_env(str(tmp_path))  # not a git checkout: no commit to pass
@@ -120,6 +121,32 @@ def test_no_credential_travels_in_the_jobs_runtime_env_only_their_names(monkeypa
     env = runtime_env(str(tmp_path))["env_vars"]
     assert "s3cret-password" not in str(env) and "alice" not in str(env)
     assert env[CREDENTIALS_NEEDED] == "MLFLOW_TRACKING_PASSWORD,MLFLOW_TRACKING_USERNAME"
+
+
+def test_the_job_is_told_which_object_store_never_its_credentials(monkeypatch, tmp_path):
+    # The job's processes on the cluster use their nodes' credentials (genflow/storage.py); the
+    # endpoint and region say which store, and a job's driver leaves what the job sets to the job.
+    import json
+
+    from genflow.storage import worker_env
+    from genflow.train.trainer import without_job_env_vars
+
+    for name in STORE_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    settings = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ENDPOINT_URL_S3": "http://minio:9000",
+                "AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1",
+                "MLFLOW_S3_ENDPOINT_URL": "http://minio:9000"}  # MLflow's artifact client's own
+    secrets_here = {"AWS_ACCESS_KEY_ID": "key-id-value", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+                    "AWS_SESSION_TOKEN": "t0ken-value", "AWS_PROFILE": "my-profile",
+                    "GOOGLE_APPLICATION_CREDENTIALS": "/home/me/gcs-key.json"}
+    for name, value in {**settings, **secrets_here}.items():
+        monkeypatch.setenv(name, value)
+    env = runtime_env(str(tmp_path))["env_vars"]
+    assert {name: env.get(name) for name in settings} == settings
+    assert not any(value in str(env) for value in secrets_here.values())
+    # The job's driver then starts its Ray work with none of them set again (Ray would refuse the job).
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": env}}))
+    assert without_job_env_vars({**TELEMETRY_OFF, **worker_env()}) == {}
 
 
 def uploaded(project: Path) -> set[str]:

@@ -26,12 +26,11 @@ import functools
 import hashlib
 import itertools
 import math
-import os
 import random
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -82,9 +81,6 @@ class WorkerConfig:
     batch_source: BatchSource | None = None  # None: the shards' train split
     validation_source: BatchSource | None = None  # None: the shards' validation split (with no batch_source)
     progress: bool = False  # rank 0 prints a progress line every log_every steps (`genflow train`; Tune has its own)
-    # The driver's object-store variables, secrets included (genflow.storage.store_env): shipped
-    # pickled with this config, not in the runtime_env the Ray dashboard shows; never printed.
-    store_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -217,7 +213,6 @@ class RankRun:
 def train_worker(config: WorkerConfig) -> None:
     """Ray Train's train_loop_per_worker (bound to its config by genflow.train.trainer): this
     rank's training, while the local rank 0 of each node samples the node's system metrics."""
-    os.environ.update(config.store_env)  # the shards and checkpoints' store (a worker's process may predate them)
     context = ray.train.get_context()
     check_credentials(f"Ray Train worker {context.get_world_rank()} on {socket.gethostname()}")
     every = config.train.system_metrics_every if context.get_local_rank() == 0 else 0

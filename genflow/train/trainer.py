@@ -62,8 +62,9 @@ def ensure_ray(ray_params: RayParams) -> None:
     if ray.is_initialized():
         return
     address = ray_params.address or os.environ.get("RAY_ADDRESS") or None
-    # The object store's settings (genflow/storage.py) reach every process of the job: Tune's
-    # trials open the Train storage and read the shards' stats themselves.
+    # Which object store (genflow/storage.py; its credentials are each node's own, and a local
+    # Ray's processes inherit this one's) reaches every process of the job: Tune's trials open the
+    # Train storage and read the shards' stats themselves.
     env = {**TELEMETRY_OFF, **stores.worker_env()}
     # Every worker is told where its cluster is. Ray's state API, which Train V2's placement-group
     # cleaner calls from a worker, otherwise looks for the cluster among the machine's processes
@@ -213,7 +214,6 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: str, track
         batch_source=batch_source,
         validation_source=validation_source,
         progress=progress,
-        store_env=stores.store_env(),
     )
     storage_path, storage_filesystem = stores.ray_storage(storage)
     return TorchTrainer(
@@ -229,8 +229,8 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: str, track
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            # The store's settings too (its secrets go in the pickled WorkerConfig): the workers
-            # read the shards and write the checkpoints.
+            # Which object store too (never its credentials: each node has its own; genflow/storage.py):
+            # the workers read the shards, write the checkpoints and log to MLflow's artifact store.
             worker_runtime_env={"env_vars": {**TELEMETRY_OFF, **tracking.worker_env(tracking_uri), **stores.worker_env()}},
             callbacks=callbacks,
         ),

@@ -119,16 +119,11 @@ class TrialSetup:
     runs: SearchRuns
     train_storage: str  # trial T's Train run (checkpoints) is TRAIN_STORAGE/T
     batch_source: BatchSource | None = None
-    # The driver's object-store variables, secrets included (genflow.storage.store_env): a trial
-    # opens TRAIN_STORAGE and the shards itself, in a process Ray may have started before they
-    # were set. Pickled with this setup, not in a runtime_env the Ray dashboard shows.
-    storage_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One trial (Tune's function trainable): the trial's params, its child run, its TorchTrainer."""
     trial_id = ray.tune.get_context().get_trial_id()
-    os.environ.update(setup.storage_env)
     client = setup.runs.client()
     run_id = setup.runs.trial_run(trial_id, config).info.run_id
     params = trial_params(setup.base, setup.family, config)  # a bad combination fails this trial alone
@@ -228,7 +223,7 @@ def tune(family: str, params: Params, batch_source: BatchSource | None = None,
     try:
         ensure_ray(params.ray)
         # A trial's Train run lives beside Tune's trial state, so that a restored trial resumes from it.
-        setup = TrialSetup(family, base, runs, stores.join(storage, name, "train"), batch_source, stores.store_env())
+        setup = TrialSetup(family, base, runs, stores.join(storage, name, "train"), batch_source)
         tuner = _tuner(settings, params, setup, stores.join(storage, name))
         grid = tuner.fit()
         unfinished = unfinished_trials(grid.experiment_path, settings, stores.ray_storage(storage)[1])

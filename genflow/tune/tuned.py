@@ -104,6 +104,7 @@ def pull_tuned(family: str, experiment_id: str, run_id: str | None = None) -> Pu
     from mlflow.exceptions import MlflowException
 
     from genflow.atomic import write_atomically
+    from genflow.storage import refusal
     from genflow.track.mlflow import FAMILY_TAG, with_retries, without_credentials
     from genflow.tune.report import ARTIFACTS, SEARCH_TAG
 
@@ -128,12 +129,24 @@ def pull_tuned(family: str, experiment_id: str, run_id: str | None = None) -> Pu
             what = f"a {tags[FAMILY_TAG]} search" if SEARCH_TAG in tags else "not a search's parent run"
             raise ValueError(f"--run {run_id}: {what}; give the run of a {family} search (its name starts tune-{family}-)")
     artifact = f"{ARTIFACTS}/{family}.yaml"
+    location = f"{run.info.artifact_uri.rstrip('/')}/{artifact}"
+    # Listed first: a download that fails says only "failed to download", whether the file is not
+    # there or the artifact store refused; a listing fails only when the store does.
+    try:
+        listed = with_retries(lambda: client.list_artifacts(run.info.run_id, ARTIFACTS))
+    except (MlflowException, OSError) as err:
+        raise refusal(location, err) from None
+    if artifact not in {entry.path for entry in listed}:
+        search, status = run.data.tags[SEARCH_TAG], run.info.status
+        why = {"RUNNING": "the search has not finished", "FAILED": "the search failed before it finished",
+               "KILLED": "the search was interrupted before it finished; run it again to resume it"}
+        raise FileNotFoundError(f"MLflow run {run.info.run_id} ({search}, {status}) has no {artifact}: "
+                                + why.get(status, f"nothing is at {location}"))
     with tempfile.TemporaryDirectory() as directory:
         try:
             downloaded = Path(download_artifacts(run_id=run.info.run_id, artifact_path=artifact, dst_path=directory))
-        except (MlflowException, OSError):
-            raise FileNotFoundError(f"MLflow run {run.info.run_id} ({run.data.tags[SEARCH_TAG]}, {run.info.status}) "
-                                    f"has no {artifact}: the search has not finished") from None
+        except (MlflowException, OSError) as err:
+            raise refusal(location, err) from None
         overrides = load_tuned(family, downloaded)  # a file of another family's is refused here
         path = tuned_path(family)
         replaced = path.exists()

@@ -36,15 +36,14 @@ def test_a_worker_without_the_credentials_the_driver_uses_fails_naming_what_to_s
     no_credentials.setattr(loop.ray.train, "get_context", lambda: context)
     no_credentials.setattr(loop, "train_rank", lambda *args: pytest.fail("trained without credentials"))
     with pytest.raises(TrackingError) as refused:
-        loop.train_worker(SimpleNamespace(store_env={}))
+        loop.train_worker(SimpleNamespace())
     message = str(refused.value)
     assert message.startswith(f"Ray Train worker 1 on {socket.gethostname()} has no MLFLOW_TRACKING_PASSWORD, ")
     assert "on every node of the Ray cluster" in message and "infra/" in message
     no_credentials.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-password")
     trained = []
     no_credentials.setattr(loop, "train_rank", lambda *args: trained.append(args))
-    loop.train_worker(SimpleNamespace(train=SimpleNamespace(system_metrics_every=0), tracking_uri="", mlflow_run_id="",
-                                      store_env={}))
+    loop.train_worker(SimpleNamespace(train=SimpleNamespace(system_metrics_every=0), tracking_uri="", mlflow_run_id=""))
     assert trained
 
 

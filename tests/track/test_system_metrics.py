@@ -44,8 +44,7 @@ def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_rais
         raise RuntimeError("the loop failed")
 
     monkeypatch.setattr(loop, "setup", setup_that_fails)
-    config = SimpleNamespace(train=TrainParams(system_metrics_every=0.1), tracking_uri=uri, mlflow_run_id=run_id,
-                             store_env={})
+    config = SimpleNamespace(train=TrainParams(system_metrics_every=0.1), tracking_uri=uri, mlflow_run_id=run_id)
     with pytest.raises(RuntimeError, match="the loop failed"):
         loop.train_worker(config)
     assert not monitor_threads()
@@ -118,7 +117,6 @@ def test_only_each_nodes_local_rank_0_samples(store, monkeypatch):
     monkeypatch.setattr(loop.ray.train, "get_context", lambda: context)
     seen = []
     monkeypatch.setattr(loop, "train_rank", lambda config, rank, world_size: seen.append(monitor_threads()))
-    config = SimpleNamespace(train=TrainParams(system_metrics_every=0.1), tracking_uri=uri, mlflow_run_id=run_id,
-                             store_env={})
+    config = SimpleNamespace(train=TrainParams(system_metrics_every=0.1), tracking_uri=uri, mlflow_run_id=run_id)
     loop.train_worker(config)
     assert seen == [[]]

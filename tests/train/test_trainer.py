@@ -18,6 +18,7 @@ from genflow.models.saved import load_model
 from genflow.track.system_metrics import node_id
 from genflow.train.loop import InMemoryBatches, NonFiniteLossError, ShardBatches
 from genflow.train.trainer import train
+from tests.conftest import S3_SECRET, objects_holding
 
 pytestmark = pytest.mark.slow
 
@@ -297,6 +298,8 @@ def test_shards_checkpoints_and_artifacts_in_a_bucket_and_a_second_run_resumes_f
     # The run that read the shards itself (not through the crashing source) names them as its dataset.
     inputs = mlflow.MlflowClient().get_run(straight.mlflow_run_id).inputs.dataset_inputs
     assert [dataset.dataset.source for dataset in inputs] == [f'{{"uri": "{shards}"}}']
+    # The workers used their node's credentials (conftest's ray_local): none was saved in the store.
+    assert objects_holding(s3_bucket, S3_SECRET) == []
 
 
 def test_a_storage_path_in_a_missing_bucket_is_refused_before_training(tiny_params, s3_bucket):
@@ -309,17 +312,21 @@ def test_a_storage_path_in_a_missing_bucket_is_refused_before_training(tiny_para
               dataset_digest="missing")
 
 
-def test_the_stores_secrets_reach_the_workers_pickled_never_in_a_runtime_env(tiny_params, monkeypatch):
-    # The Ray dashboard shows every runtime_env (job and workers) to anyone who reaches it.
+def test_no_credential_of_the_store_travels_with_the_trainer(tiny_params, monkeypatch):
+    # Ray pickles the trainer (its WorkerConfig, its RunConfig's storage filesystem) to the workers
+    # and into the store (Tune's tuner.pkl), and the dashboard shows every runtime_env: each node
+    # uses its own credentials; the workers are told only which store.
     from genflow.train.trainer import torch_trainer
 
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-value")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
-    trainer = torch_trainer("vae", tiny_params(), name="n", storage="ray_results", tracking_uri="sqlite:///x.db",
-                            mlflow_run_id="r")
-    runtime_env = trainer.run_config.worker_runtime_env
-    assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
-    assert "s3cr3t-value" not in str(runtime_env) and "key-id-value" not in str(runtime_env)
-    worker = trainer.train_loop_per_worker.args[0]
-    assert worker.store_env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value" and "s3cr3t-value" not in repr(worker)
+    credentials = {"AWS_ACCESS_KEY_ID": "key-id-value", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+                   "AWS_SESSION_TOKEN": "t0ken-value", "AWS_PROFILE": "my-profile"}
+    for name, value in {**credentials, "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1"}.items():
+        monkeypatch.setenv(name, value)
+    trainer = torch_trainer("vae", tiny_params(), name="n", storage="s3://bucket/ray_results",
+                            tracking_uri="sqlite:///x.db", mlflow_run_id="r")
+    env = trainer.run_config.worker_runtime_env["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["AWS_REGION"] == "eu-west-1"
+    shipped = ray.cloudpickle.dumps(trainer)
+    assert not any(value.encode() in shipped for value in credentials.values())
+    filesystem = trainer.run_config.storage_filesystem
+    assert filesystem.region == "eu-west-1" and b"http://127.0.0.1:9000" in shipped  # which store, in the pickle

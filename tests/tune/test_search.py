@@ -26,6 +26,7 @@ from genflow.tune.report import load_tuned
 from genflow.tune.search import ERROR_TAG, PARENT_TAG, SEARCH_TAG, STOPPED_EARLY_TAG, SearchInterrupted, run_trial, tune
 
 from pipelines.tune import main as tune_stage  # noqa: E402
+from tests.conftest import S3_SECRET, objects_holding
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -284,9 +285,18 @@ def test_concurrency_default_waits_for_an_autoscaling_clusters_gpu_nodes(case, t
             trial_slots(params, settings)
 
 
-def test_a_search_keeps_its_state_and_checkpoints_in_a_bucket_and_resumes_from_there(ray_local, tmp_path, s3_bucket):
+def test_a_search_keeps_its_state_and_checkpoints_in_a_bucket_and_resumes_from_there(ray_local, tmp_path, s3_bucket,
+                                                                                     monkeypatch):
     from genflow import storage
+    from genflow.tune import search as searching
 
+    setups, real_tuner = [], searching._tuner  # the TrialSetup Tune ships to every trial, pickled
+
+    def tuner(settings, params, setup, location):
+        setups.append(setup)
+        return real_tuner(settings, params, setup, location)
+
+    monkeypatch.setattr(searching, "_tuner", tuner)
     point = {"train.lr": 1e-3, KIND: "constant", "models.vae.kl.weight": 1e-4, "models.vae.norm_groups": 8}
     params = search_params(tmp_path, trials=1, max_concurrent=1, points_to_evaluate=[point])
     params.train.storage_path = f"{s3_bucket}/ray"
@@ -301,3 +311,8 @@ def test_a_search_keeps_its_state_and_checkpoints_in_a_bucket_and_resumes_from_t
     # The same command again restores the finished search from the bucket: no trial runs again.
     again = tune("vae", params, batch_source=batches(), dataset_digest="tiny")
     assert again.best["trial"] == trial["trial"] and len(runs_of(tmp_path)[2]) == 1
+    # The trials used their node's credentials (conftest's ray_local): none was shipped to them, nor
+    # saved in the store (Tune's tuner.pkl holds the RunConfig and its storage filesystem).
+    assert setups and all(S3_SECRET.encode() not in ray.cloudpickle.dumps(setup) for setup in setups)
+    assert any(name == "tuner.pkl" for name, _ in storage.listdir(search))
+    assert objects_holding(s3_bucket, S3_SECRET) == []

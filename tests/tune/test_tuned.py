@@ -104,3 +104,43 @@ def test_tuned_pull_writes_the_winner_a_search_logged_on_its_run(tmp_path, monke
     unfinished = client.create_run(experiment, tags={SEARCH_TAG: "tune-vae-y", FAMILY_TAG: "vae"}).info.run_id
     assert main(["tuned", "pull", "vae", "--run", unfinished, *store]) == 2
     assert "has no tune/vae.yaml: the search has not finished" in capsys.readouterr().err
+    client.set_terminated(unfinished, "KILLED")
+    assert main(["tuned", "pull", "vae", "--run", unfinished, *store]) == 2
+    assert "(tune-vae-y, KILLED) has no tune/vae.yaml: the search was interrupted" in capsys.readouterr().err
+
+
+def test_tuned_pull_reports_a_refusing_artifact_store_as_such_not_as_an_unfinished_search(
+        tmp_path, monkeypatch, capsys, s3_bucket):
+    from mlflow import MlflowClient
+    from moto import settings
+
+    from genflow.cli import main
+    from genflow.track.mlflow import FAMILY_TAG
+    from genflow.tune.report import SEARCH_TAG
+    from genflow.tune.search import log_search
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store = ["-S", f"tracking.uri={uri}", "-S", f"tracking.artifact_location={s3_bucket}/mlartifacts"]
+    assert main(["tuned", "pull", "vae", *store]) == 2  # creates the experiment, its artifacts in the bucket
+    capsys.readouterr()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("celeba64").experiment_id
+    parent = client.create_run(experiment, tags={SEARCH_TAG: "tune-vae-x", FAMILY_TAG: "vae"}).info.run_id
+    result = fake_result(tmp_path)
+    result.mlflow_run_id = parent
+    log_search(client, result)
+    client.set_terminated(parent, "FINISHED")
+    assert main(["tuned", "pull", "vae", *store]) == 0  # from the bucket
+    pulled = (tmp_path / "tuned/vae.yaml").read_text()
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks the keys from here
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEY")
+    capsys.readouterr()
+    for run in ([], ["--run", parent]):
+        assert main(["tuned", "pull", "vae", *run, *store]) == 2
+        said = capsys.readouterr().err
+        assert f"{s3_bucket}/mlartifacts/{parent}/artifacts/tune/vae.yaml: the store refused or could not be reached" in said
+        assert "AWS_ACCESS_KEY_ID" in said and "not finished" not in said
+    assert (tmp_path / "tuned/vae.yaml").read_text() == pulled
