@@ -26,6 +26,7 @@ import functools
 import hashlib
 import itertools
 import math
+import os
 import random
 import socket
 import tempfile
