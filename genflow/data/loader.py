@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -259,29 +260,33 @@ def ranged_keys(folder: str, shards: list[dict], size: int) -> dict[str, list[st
     first byte to each range (a warning says so): the shards of another writer, or of an output
     whose manifest is gone."""
     fixed = [shard for shard in shards if shard["bytes"] == shard_bytes(shard["count"], size)]
-    listed = _manifest_keys(folder) if fixed else {}
+    listed, why = _manifest_keys(folder) if fixed else ({}, "")
     ranged = {storage.join(folder, shard["file"]): listed[shard["file"]] for shard in fixed
               if len(listed.get(shard["file"], ())) == shard["count"]}
     if len(ranged) < len(shards):
         warnings.warn(f"{folder}: {len(shards) - len(ranged)} of {len(shards)} shards are not laid out as `genflow data "
-                      f"prepare` writes them (samples of {sample_bytes(size)} bytes, listed in {MANIFEST_FILE}); each "
-                      "range of them is read from the shard's first byte (run `genflow data prepare` again to read "
-                      "only the samples needed)", stacklevel=3)
+                      f"prepare` writes them (samples of {sample_bytes(size)} bytes, listed in {MANIFEST_FILE}{why}); "
+                      "each range of them is read from the shard's first byte (run `genflow data prepare` again to "
+                      "read only the samples needed)", stacklevel=3)
     return ranged
 
 
-def _manifest_keys(folder: str) -> dict[str, list[str]]:
-    """{shard file as stats.json names it: its samples' keys in written order}; empty without a manifest."""
+def _manifest_keys(folder: str) -> tuple[dict[str, list[str]], str]:
+    """({shard file as stats.json names it: its samples' keys in written order}, "" or why there
+    are none: no manifest, or one that cannot be read)."""
     path = storage.join(folder, MANIFEST_FILE)
     if not storage.is_file(path):
-        return {}
+        return {}, ": there is none"
     filesystem, inner = storage.filesystem(path)
-    table = pq.read_table(inner, filesystem=filesystem, columns=["shard", "key"], read_dictionary=["shard"])
+    try:
+        table = pq.read_table(inner, filesystem=filesystem, columns=["shard", "key"], read_dictionary=["shard"])
+    except pa.ArrowException as err:
+        return {}, f": unreadable, {str(err).strip()}"
     shard = table["shard"].combine_chunks()
     codes, keys = shard.indices.to_numpy(), table["key"].to_numpy(zero_copy_only=False)
     order = np.argsort(codes, kind="stable")  # rows grouped by shard, each group in written order
     groups = np.split(keys[order], np.cumsum(np.bincount(codes, minlength=len(shard.dictionary)))[:-1])
-    return {file: group.tolist() for file, group in zip(shard.dictionary.to_pylist(), groups)}
+    return {file: group.tolist() for file, group in zip(shard.dictionary.to_pylist(), groups)}, ""
 
 
 class ShardLoader(DataLoader):

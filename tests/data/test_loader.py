@@ -358,3 +358,11 @@ def test_a_shard_laid_out_otherwise_is_read_from_its_first_byte(prepared, tmp_pa
     assert same_batches(batches, list(eval_loader(prepared, split="validation", batch_size=4))) == as_prepared
     read_from_byte_zero(monkeypatch)
     assert same_batches(batches, list(eval_loader(shards, split="validation", batch_size=4)))
+
+
+def test_without_a_manifest_every_shard_is_read_from_its_first_byte(prepared, tmp_path):
+    copy = shutil.copytree(prepared, tmp_path / "shards")
+    (copy / "manifest.parquet").unlink()
+    with pytest.warns(UserWarning, match="2 of 2 shards are not laid out .* manifest.parquet: there is none"):
+        batches = list(eval_loader(copy, split="validation", batch_size=4))
+    assert same_batches(batches, list(eval_loader(prepared, split="validation", batch_size=4)))
