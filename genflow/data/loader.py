@@ -170,7 +170,7 @@ class ShardStream(IterableDataset):
             position = (position + take) % total
         return segments
 
-    def ranged_keys(self) -> dict[str, list[str]]:
+    def ranged_keys(self) -> dict[str, np.ndarray]:
         """{shard file: the key of each of its samples} of the shards read by byte ranges; read once
         (ShardLoader reads it before its workers start, which then have it)."""
         if self._ranged is None:
@@ -253,7 +253,7 @@ def split_pieces(folder: str, stats: dict, split: str) -> list[tuple[str, int, i
     return pieces
 
 
-def ranged_keys(folder: str, shards: list[dict], size: int) -> dict[str, list[str]]:
+def ranged_keys(folder: str, shards: list[dict], size: int) -> dict[str, np.ndarray]:
     """{file: the key of each of its samples, in order} of those of `shards` (stats.json records)
     that can be read by byte ranges: a shard whose size is what prepare writes for its count
     (shards.shard_bytes), and whose samples the manifest lists. The others are read from their
@@ -271,7 +271,7 @@ def ranged_keys(folder: str, shards: list[dict], size: int) -> dict[str, list[st
     return ranged
 
 
-def _manifest_keys(folder: str) -> tuple[dict[str, list[str]], str]:
+def _manifest_keys(folder: str) -> tuple[dict[str, np.ndarray], str]:
     """({shard file as stats.json names it: its samples' keys in written order}, "" or why there
     are none: no manifest, or one that cannot be read)."""
     path = storage.join(folder, MANIFEST_FILE)
@@ -286,7 +286,8 @@ def _manifest_keys(folder: str) -> tuple[dict[str, list[str]], str]:
     codes, keys = shard.indices.to_numpy(), table["key"].to_numpy(zero_copy_only=False)
     order = np.argsort(codes, kind="stable")  # rows grouped by shard, each group in written order
     groups = np.split(keys[order], np.cumsum(np.bincount(codes, minlength=len(shard.dictionary)))[:-1])
-    return {file: group.tolist() for file, group in zip(shard.dictionary.to_pylist(), groups)}, ""
+    # Fixed-width strings: one buffer, not an object per key, for the loader workers to share.
+    return {file: group.astype(str) for file, group in zip(shard.dictionary.to_pylist(), groups)}, ""
 
 
 class ShardLoader(DataLoader):
