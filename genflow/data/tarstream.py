@@ -57,6 +57,8 @@ def tar_members(path: str, start: int = 0, stop: int | None = None) -> Iterator[
                 raise TarFormatError(f"{path}: member at byte {offset} ends early ({len(data)} of {size} bytes)")
             stream.read((-size) % BLOCK)  # the padding to the next block
             member_offset, offset = offset, offset + BLOCK + size + (-size) % BLOCK
+            if stop is not None and offset > stop:
+                raise TarFormatError(f"{path}: member at byte {member_offset} runs past the end of the range, byte {stop}")
             if typeflag == b"x":  # pax header of the next member
                 pax = _pax_records(data, path, member_offset)
             elif typeflag == b"L":  # GNU long name of the next member
