@@ -205,9 +205,9 @@ class ShardStream(IterableDataset):
                 pass
             if first == stop:
                 return
-            warnings.warn(f"{path}: sample {first} is not the one manifest.parquet lists at byte {first * self.stride}, "
-                          "where `genflow data prepare` writes it; reading the shard from its first byte instead "
-                          "(run `genflow data prepare` again to read only the samples needed)", stacklevel=2)
+            warnings.warn(f"{path}: byte {first * self.stride} does not hold sample {first} as `genflow data prepare` "
+                          f"writes it (the key {MANIFEST_FILE} lists, two members); reading the shard from its first "
+                          "byte instead (run `genflow data prepare` again to read only the samples needed)", stacklevel=2)
         # webdataset groups the members into samples; tar_members reads them ~5x faster than
         # the tarfile-based expander webdataset would use (benchmarks/loader.py).
         yield from itertools.islice(group_by_keys(tar_members(path)), first, stop)

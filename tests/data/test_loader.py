@@ -345,11 +345,32 @@ def with_two_samples_swapped(members):
     return members[:28] + members[30:32] + members[28:30]
 
 
+def with_a_member_moved(members):
+    # Sample 14 without its attrs (never read: validation starts at 15), sample 15 with an extra
+    # member after its attrs: the same size, and byte 15 * stride holds the extra member.
+    key = members[30][0].name.split(".")[0]
+    extra = tarfile.TarInfo(f"{key}.txt")
+    extra.size = 512
+    return members[:28] + [members[29], members[30], (extra, bytes(512)), members[31]] + members[32:]
+
+
+def with_a_block_moved(members):
+    # Sample 14's image a block shorter (never read), sample 15 with an empty extra member: the
+    # same size, and byte 15 * stride holds the data of sample 15's attrs, not a header.
+    (image_info, image), key = members[29], members[30][0].name.split(".")[0]
+    image_info.size -= 512
+    return members[:29] + [(image_info, image[:-512]), members[30], (tarfile.TarInfo(f"{key}.txt"), b""), *members[31:]]
+
+
 @pytest.mark.parametrize("rewrite, warned, as_prepared", [
     # Every shard of the split is checked from stats.json alone: this one is larger.
     (with_fractional_mtimes, "1 of 2 shards are not laid out as `genflow data prepare` writes them", True),
     # The same size: found at the seek target, whose sample is not the manifest's.
-    (with_two_samples_swapped, "celeba64-000003.tar: sample 15 is not the one manifest.parquet lists", False),
+    (with_two_samples_swapped, "celeba64-000003.tar: byte 215040 does not hold sample 15", False),
+    # The same size and the manifest's key there, but not prepare's two members.
+    (with_a_member_moved, "celeba64-000003.tar: byte 215040 does not hold sample 15", True),
+    # The same size, and no tar header at all there (tar_members refuses its checksum).
+    (with_a_block_moved, "celeba64-000003.tar: byte 215040 does not hold sample 15", True),
 ])
 def test_a_shard_laid_out_otherwise_is_read_from_its_first_byte(prepared, tmp_path, monkeypatch, rewrite, warned, as_prepared):
     shards = rewritten(prepared, tmp_path, "train/celeba64-000003.tar", rewrite)
