@@ -37,6 +37,7 @@ the URI and the variables to check.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -268,6 +269,51 @@ def open_input(location: str | Path) -> BinaryIO:
             return fs.open_input_stream(path, compression=None, buffer_size=_REMOTE_READ_BUFFER)
         except FileNotFoundError:
             raise FileNotFoundError(f"{location}: no such file") from None
+
+
+def open_range(location: str | Path, start: int, stop: int) -> BinaryIO:
+    """A buffered binary stream of bytes [start, stop) of the file: only those bytes are read (a
+    store's object by ranged GETs; seeking to `start` fetches nothing)."""
+    file = open_input_file(location)
+    buffer = _REMOTE_READ_BUFFER if is_remote(location) else _READ_BUFFER
+    return io.BufferedReader(_Range(file, start, stop), buffer)
+
+
+def open_input_file(location: str | Path):
+    """The file, unbuffered, for seek and readinto: a local file, or a store's object (pyarrow's
+    random-access file: one ranged GET per read); FileNotFoundError naming the location."""
+    if not is_remote(location):
+        return open(local_path(location), "rb", buffering=0)
+    fs, path = filesystem(location)
+    with _errors(str(location)):
+        try:
+            return fs.open_input_file(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{location}: no such file") from None
+
+
+class _Range(io.RawIOBase):
+    """Bytes [start, stop) of a seekable file as a raw stream: a BufferedReader over it fills its
+    buffer from the file, never past `stop`."""
+
+    def __init__(self, file, start: int, stop: int):
+        super().__init__()
+        file.seek(start)
+        self.file, self.left = file, stop - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        with memoryview(buffer) as view:
+            count = self.file.readinto(view[: min(len(view), self.left)]) if self.left > 0 else 0
+        self.left -= count
+        return count
+
+    def close(self) -> None:
+        if not self.closed:
+            self.file.close()
+        super().close()
 
 
 def read_bytes(location: str | Path) -> bytes:

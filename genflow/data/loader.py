@@ -6,7 +6,9 @@
             ...
 
 The shards are a folder or an object-store URI (`s3://bucket/shards`, genflow/storage.py): each
-worker streams its shards front to back into the same tar reader, a file or an object alike.
+worker reads, of each shard its samples lie in, the bytes of those samples and no others (prepare
+writes samples of one size, so sample k of a shard starts at byte k * shards.sample_bytes; each
+sample read there is checked to be the one manifest.parquet lists at k), a file or an object alike.
 
 Splits: "train" (the prepared train split minus its validation tail), "validation" (the last
 `validation_count` images of the prepared train split, see genflow/data/split.py: what
@@ -37,22 +39,28 @@ import itertools
 import json
 import math
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import filters as wds_filters
 from webdataset.tariterators import group_by_keys
 
 from genflow import storage
+from genflow.data.attributes import MANIFEST_FILE
 from genflow.data.celeba import ATTRIBUTE_NAMES
-from genflow.data.shards import ATTRS_EXT, ATTRS_NPY_HEADER, IMAGE_EXT, ppm_header
+from genflow.data.shards import ATTRS_EXT, ATTRS_NPY_HEADER, IMAGE_EXT, ppm_header, sample_bytes, shard_bytes
 from genflow.data.split import validation_count
-from genflow.data.tarstream import tar_members
+from genflow.data.tarstream import TarFormatError, tar_members
 
 _SHUFFLE_BUFFER = 1000  # samples (~12 KB each) each worker holds to mix its stream
+# What webdataset's group_by_keys makes of a sample prepare writes: its two members, nothing else.
+_SAMPLE_FIELDS = {"__key__", "__url__", IMAGE_EXT, ATTRS_EXT}
 
 
 def read_stats(shards: str | Path) -> dict:
@@ -105,6 +113,10 @@ class ShardStream(IterableDataset):
         self.firsts = [first for _, first, _ in pieces]
         self.counts = [stop - first for _, first, stop in pieces]
         self.size = stats["params"]["size"]
+        self.folder, self.stride, self._ranged = folder, sample_bytes(self.size), None
+        # stats.json's records of the shards read (one shard may hold train and validation pieces).
+        records = {storage.join(folder, shard["file"]): shard for shards in stats["shards"].values() for shard in shards}
+        self.records = [records[file] for file in dict.fromkeys(self.files)]
         self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
         self.seed, self.epoch, self.shuffle, self.limit_batches = seed, epoch, shuffle, limit_batches
         self.whole_batches = whole_batches
@@ -158,12 +170,47 @@ class ShardStream(IterableDataset):
             position = (position + take) % total
         return segments
 
+    def ranged_keys(self) -> dict[str, np.ndarray]:
+        """{shard file: the key of each of its samples} of the shards read by byte ranges; read once
+        (ShardLoader reads it before its workers start, which then have it)."""
+        if self._ranged is None:
+            self._ranged = ranged_keys(self.folder, self.records, self.size)
+        return self._ranged
+
     def _read(self, segments: list[tuple[int, int, int]]) -> Iterator[dict]:
-        # webdataset groups the members into samples; tar_members reads them ~5x faster than
-        # the tarfile-based expander webdataset would use (benchmarks/loader.py).
         for shard, first, stop in segments:
             offset = self.firsts[shard]
-            yield from itertools.islice(group_by_keys(tar_members(self.files[shard])), offset + first, offset + stop)
+            yield from self._shard_samples(self.files[shard], offset + first, offset + stop)
+
+    def _shard_samples(self, path: str, first: int, stop: int) -> Iterator[dict]:
+        """Samples first ... stop - 1 of the shard at `path`, reading from sample `first`'s bytes on
+        where the shard is laid out as prepare writes it (benchmarks/loader.py prints the bytes saved)."""
+        keys = self.ranged_keys().get(path)
+        if keys is not None:
+            # Sample k is at byte k * stride only in what prepare wrote, so every sample the range
+            # yields must be the one the manifest lists at its place, with prepare's two members.
+            # Anything else (another writer's layout, a shard edited since) is read from its first
+            # byte, from the first sample that disagrees: that read defines sample k (the k-th group
+            # of members) and checks every header, so such a shard still gives exactly the samples
+            # it gave before ranged reads, at the old cost, and a corrupt one is refused there as
+            # before. An error here would refuse tars that read correctly; verify's sha256s are
+            # what tell an edited shard (genflow/data/verify.py).
+            try:
+                for sample in group_by_keys(tar_members(path, first * self.stride, stop * self.stride)):
+                    if first == stop or sample.keys() != _SAMPLE_FIELDS or sample["__key__"] != keys[first]:
+                        break
+                    yield sample
+                    first += 1
+            except TarFormatError:
+                pass
+            if first == stop:
+                return
+            warnings.warn(f"{path}: byte {first * self.stride} does not hold sample {first} as `genflow data prepare` "
+                          f"writes it (the key {MANIFEST_FILE} lists, two members); reading the shard from its first "
+                          "byte instead (run `genflow data prepare` again to read only the samples needed)", stacklevel=2)
+        # webdataset groups the members into samples; tar_members reads them ~5x faster than
+        # the tarfile-based expander webdataset would use (benchmarks/loader.py).
+        yield from itertools.islice(group_by_keys(tar_members(path)), first, stop)
 
     def _collate(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         # The shards' fixed headers are checked, then the bytes are used where they lie: decoding
@@ -206,6 +253,43 @@ def split_pieces(folder: str, stats: dict, split: str) -> list[tuple[str, int, i
     return pieces
 
 
+def ranged_keys(folder: str, shards: list[dict], size: int) -> dict[str, np.ndarray]:
+    """{file: the key of each of its samples, in order} of those of `shards` (stats.json records)
+    that can be read by byte ranges: a shard whose size is what prepare writes for its count
+    (shards.shard_bytes), and whose samples the manifest lists. The others are read from their
+    first byte to each range (a warning says so): the shards of another writer, or of an output
+    whose manifest is gone."""
+    fixed = [shard for shard in shards if shard["bytes"] == shard_bytes(shard["count"], size)]
+    listed, why = _manifest_keys(folder) if fixed else ({}, "")
+    ranged = {storage.join(folder, shard["file"]): listed[shard["file"]] for shard in fixed
+              if len(listed.get(shard["file"], ())) == shard["count"]}
+    if len(ranged) < len(shards):
+        warnings.warn(f"{folder}: {len(shards) - len(ranged)} of {len(shards)} shards are not laid out as `genflow data "
+                      f"prepare` writes them (samples of {sample_bytes(size)} bytes, listed in {MANIFEST_FILE}{why}); "
+                      "each range of them is read from the shard's first byte (run `genflow data prepare` again to "
+                      "read only the samples needed)", stacklevel=3)
+    return ranged
+
+
+def _manifest_keys(folder: str) -> tuple[dict[str, np.ndarray], str]:
+    """({shard file as stats.json names it: its samples' keys in written order}, "" or why there
+    are none: no manifest, or one that cannot be read)."""
+    path = storage.join(folder, MANIFEST_FILE)
+    if not storage.is_file(path):
+        return {}, ": there is none"
+    filesystem, inner = storage.filesystem(path)
+    try:
+        table = pq.read_table(inner, filesystem=filesystem, columns=["shard", "key"], read_dictionary=["shard"])
+    except pa.ArrowException as err:
+        return {}, f": unreadable, {str(err).strip()}"
+    shard = table["shard"].combine_chunks()
+    codes, keys = shard.indices.to_numpy(), table["key"].to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")  # rows grouped by shard, each group in written order
+    groups = np.split(keys[order], np.cumsum(np.bincount(codes, minlength=len(shard.dictionary)))[:-1])
+    # Fixed-width strings: one buffer, not an object per key, for the loader workers to share.
+    return {file: group.astype(str) for file, group in zip(shard.dictionary.to_pylist(), groups)}, ""
+
+
 class ShardLoader(DataLoader):
     """A DataLoader of (images, attrs) float32 batches from a ShardStream.
 
@@ -220,6 +304,7 @@ class ShardLoader(DataLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         low, high = self.image_range
         scale, low = np.float32((high - low) / 255.0), np.float32(low)
+        self.dataset.ranged_keys()  # here, not once in every worker
         for images, attrs in super().__iter__():
             # numpy, not torch: one pass on one thread, where torch's threads contend with the
             # loader's workers for the cores.

@@ -81,6 +81,23 @@ def ppm_header(size: int) -> bytes:
     return b"P6\n%d %d\n255\n" % (size, size)
 
 
+def sample_bytes(size: int) -> int:
+    """The bytes one sample takes in a shard prepare writes: its two members (attrs.npy, then ppm:
+    TarWriter writes them sorted), each a 512-byte ustar header and its data padded to 512 bytes;
+    no pax or long-name headers (USTAR_FORMAT, short keys). Sample k starts at byte k * this."""
+    def member(data: int) -> int:
+        return tarfile.BLOCKSIZE * (1 + -(-data // tarfile.BLOCKSIZE))
+
+    return member(len(ATTRS_NPY_HEADER) + len(ATTRIBUTE_NAMES)) + member(len(ppm_header(size)) + 3 * size * size)
+
+
+def shard_bytes(count: int, size: int) -> int:
+    """The size of a shard of `count` samples as prepare writes it: the samples, then tarfile's
+    end of archive (two zero blocks, padded to a whole tarfile.RECORDSIZE record)."""
+    end = count * sample_bytes(size) + 2 * tarfile.BLOCKSIZE
+    return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def prepare(data: DataParams) -> dict:
     """Write the shards, manifest and stats for `data.source` into `data.shards`; return the stats."""
     source_path = data.source_path()

@@ -8,8 +8,8 @@ TarInfo, about 40x what the loader spends on the member's pixels. This reads the
 headers directly: the name, the size, the type and the checksum, which is verified. It handles
 what tar writers put in shards (ustar, the ustar name prefix, pax and GNU long-name headers) and
 refuses anything it does not understand (compressed or sparse archives, bad checksums) with the
-file and byte offset, never a silent misread. It reads the shard front to back, never seeking, so
-the same code reads a local file and an object store's byte stream (genflow/storage.py).
+file and byte offset, never a silent misread. It reads front to back, the whole shard or a byte
+range of it (genflow/storage.py: a file or an object store's ranged reads, the same code).
 """
 
 from __future__ import annotations
@@ -29,12 +29,18 @@ class TarFormatError(ValueError):
     """The file is not a tar archive this reader can read; the message says where and why."""
 
 
-def tar_members(path: str) -> Iterator[dict]:
+def tar_members(path: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
     """{"fname", "data", "__url__"} for every regular file in the tar at `path` (a local path or a
-    URI), in order."""
-    with storage.open_input(path) as stream:
-        offset, long_name, pax = 0, None, {}
+    URI), in order. With `stop`, those in bytes [start, stop) only, and only those bytes are read:
+    `start` is where a member's header begins, `stop` where a member ends (there the range ends,
+    with no end-of-archive block)."""
+    if start and stop is None:
+        raise ValueError(f"{path}: tar_members from byte {start} needs the byte where the range stops")
+    with storage.open_input(path) if stop is None else storage.open_range(path, start, stop) as stream:
+        offset, long_name, pax = start, None, {}
         while True:
+            if offset == stop:
+                return
             header = stream.read(BLOCK)
             if offset == 0 and header[:2] in _COMPRESSED_MAGIC:
                 raise TarFormatError(f"{path}: a compressed file; shards are plain tar")
@@ -51,6 +57,8 @@ def tar_members(path: str) -> Iterator[dict]:
                 raise TarFormatError(f"{path}: member at byte {offset} ends early ({len(data)} of {size} bytes)")
             stream.read((-size) % BLOCK)  # the padding to the next block
             member_offset, offset = offset, offset + BLOCK + size + (-size) % BLOCK
+            if stop is not None and offset > stop:
+                raise TarFormatError(f"{path}: member at byte {member_offset} runs past the end of the range, byte {stop}")
             if typeflag == b"x":  # pax header of the next member
                 pax = _pax_records(data, path, member_offset)
             elif typeflag == b"L":  # GNU long name of the next member

@@ -1,8 +1,11 @@
+import hashlib
 import io
 import itertools
 import json
+import re
 import shutil
 import tarfile
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 from PIL import Image
 
 from genflow.data.loader import ShardStream, dataset_digest, eval_loader, read_stats, train_loader
+from genflow.data.tarstream import tar_members
 from genflow.data.verify import ShardError
 
 
@@ -216,3 +220,170 @@ def test_a_missing_shard_in_a_bucket_is_named(prepared, s3_bucket):
         eval_loader(remote, batch_size=16)
     with pytest.raises(ShardError, match=rf"{shard}: missing"):
         dataset_digest(remote)
+
+
+class CountingFile:
+    """A file whose reads are counted into `counts` (the bytes the loader took from the file)."""
+
+    def __init__(self, file, counts):
+        self.file, self.counts = file, counts
+
+    def read(self, size=-1):
+        data = self.file.read(size)
+        self.counts.append(len(data))
+        return data
+
+    def readinto(self, buffer):
+        count = self.file.readinto(buffer)
+        self.counts.append(count)
+        return count
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def count_reads(monkeypatch):
+    """[bytes of each read] from the shards from now on, ranged (storage.open_input_file) or from
+    byte 0 (storage.open_input, which tar_members reads a whole shard with)."""
+    from genflow import storage
+
+    counts = []
+    for opener in ("open_input_file", "open_input"):
+        monkeypatch.setattr(storage, opener, lambda location, opened=getattr(storage, opener): CountingFile(opened(location), counts))
+    return counts
+
+
+def read_from_byte_zero(monkeypatch):
+    """Every shard read as before ranged reads: from its first byte, grouped and sliced."""
+    monkeypatch.setattr(ShardStream, "ranged_keys", lambda self: {})
+
+
+def batches_of(make_loaders):
+    return [batch for loader in make_loaders() for batch in loader]
+
+
+def same_batches(a, b):
+    return len(a) == len(b) > 0 and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("make_loaders", [
+    # Shuffled: 3 ranks x 2 workers, ranges from random offsets, mid-shard and across shards.
+    lambda shards: [train_loader(shards, batch_size=5, rank=rank, world_size=3, num_workers=2, seed=rank) for rank in range(3)],
+    lambda shards: [train_loader(shards, batch_size=9, num_workers=0, seed=4, epoch=1)],
+    # In order: validation is sample 15 of train shard 3 on, into shard 4; test with 2 workers.
+    lambda shards: [eval_loader(shards, split="validation", batch_size=4)],
+    lambda shards: [eval_loader(shards, split="test", batch_size=7, num_workers=2)],
+], ids=["shuffled-3-ranks-2-workers", "shuffled-1-rank", "validation-mid-shard", "test-2-workers"])
+def test_ranged_reads_give_the_batches_of_the_read_from_byte_zero(prepared, monkeypatch, make_loaders):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prepare's shards never fall back
+        ranged = batches_of(lambda: make_loaders(prepared))
+    read_from_byte_zero(monkeypatch)
+    assert same_batches(ranged, batches_of(lambda: make_loaders(prepared)))
+
+
+def test_a_range_reads_only_its_samples_bytes(prepared, monkeypatch):
+    # Validation: sample 15 of train shard 3 (of 16), then samples 0-5 of shard 4 (of 6).
+    stream = ShardStream(prepared, "validation", 4, shuffle=False)
+    stream.ranged_keys()  # the manifest: read once, not part of the shards' bytes
+    stride, calls = stream.stride, []
+    monkeypatch.setattr("genflow.data.loader.tar_members", lambda path, *span: calls.append(span) or tar_members(path, *span))
+    counts = count_reads(monkeypatch)
+    ranged = list(stream)
+    assert calls == [(15 * stride, 16 * stride), (0, 6 * stride)]
+    assert sum(counts) == 7 * stride
+    counts.clear()
+    read_from_byte_zero(monkeypatch)
+    assert same_batches(ranged, list(stream))
+    assert sum(counts) >= 22 * stride  # 16 samples of shard 3 to reach its last, then shard 4's 6
+
+
+def test_a_bucket_range_fetches_only_its_samples_bytes(prepared, s3_bucket, monkeypatch):
+    remote = f"{s3_bucket}/shards"
+    copy_to(prepared, remote)
+    local = list(ShardStream(prepared, "validation", 4, shuffle=False))
+    stream = ShardStream(remote, "validation", 4, shuffle=False)
+    stream.ranged_keys()
+    counts = count_reads(monkeypatch)  # pyarrow's S3 file: one ranged GET per read, none on a seek
+    assert same_batches(list(stream), local)
+    assert sum(counts) == 7 * stream.stride
+
+
+def rewritten(shards, tmp_path, shard_file, rewrite):
+    """A copy of `shards` whose `shard_file` is rewrite(members) (a list of (TarInfo, data)), with
+    stats.json's size and sha256 of it updated: a consistent output, but for the layout."""
+    copy = shutil.copytree(shards, tmp_path / "shards")
+    with tarfile.open(copy / shard_file) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar]
+    with tarfile.open(copy / shard_file, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in rewrite(members):
+            tar.addfile(member, io.BytesIO(data))
+    stats = read_stats(copy)
+    for shard in stats["shards"]["train"]:
+        if shard["file"] == shard_file:
+            shard["bytes"] = (copy / shard_file).stat().st_size
+            shard["sha256"] = hashlib.sha256((copy / shard_file).read_bytes()).hexdigest()
+    (copy / "stats.json").write_text(json.dumps(stats))
+    return copy
+
+
+def with_fractional_mtimes(members):
+    # What webdataset's TarWriter writes without a fixed mtime: a pax header before every member.
+    for member, data in members:
+        member.mtime = 1.5
+        yield member, data
+
+
+def with_two_samples_swapped(members):
+    # Samples 15 and 14 of the shard in each other's place: the same size, another order.
+    return members[:28] + members[30:32] + members[28:30]
+
+
+def with_a_member_moved(members):
+    # Sample 14 without its attrs (never read: validation starts at 15), sample 15 with an extra
+    # member after its attrs: the same size, and byte 15 * stride holds the extra member.
+    key = members[30][0].name.split(".")[0]
+    extra = tarfile.TarInfo(f"{key}.txt")
+    extra.size = 512
+    return members[:28] + [members[29], members[30], (extra, bytes(512)), members[31]] + members[32:]
+
+
+def with_a_block_moved(members):
+    # Sample 14's image a block shorter (never read), sample 15 with an empty extra member: the
+    # same size, and byte 15 * stride holds the data of sample 15's attrs, not a header.
+    (image_info, image), key = members[29], members[30][0].name.split(".")[0]
+    image_info.size -= 512
+    return members[:29] + [(image_info, image[:-512]), members[30], (tarfile.TarInfo(f"{key}.txt"), b""), *members[31:]]
+
+
+@pytest.mark.parametrize("rewrite, warned, as_prepared", [
+    # Every shard of the split is checked from stats.json alone: this one is larger.
+    (with_fractional_mtimes, "1 of 2 shards are not laid out as `genflow data prepare` writes them", True),
+    # The same size: found at the seek target, whose sample is not the manifest's.
+    (with_two_samples_swapped, "celeba64-000003.tar: byte 215040 does not hold sample 15", False),
+    # The same size and the manifest's key there, but not prepare's two members.
+    (with_a_member_moved, "celeba64-000003.tar: byte 215040 does not hold sample 15", True),
+    # The same size, and no tar header at all there (tar_members refuses its checksum).
+    (with_a_block_moved, "celeba64-000003.tar: byte 215040 does not hold sample 15", True),
+])
+def test_a_shard_laid_out_otherwise_is_read_from_its_first_byte(prepared, tmp_path, monkeypatch, rewrite, warned, as_prepared):
+    shards = rewritten(prepared, tmp_path, "train/celeba64-000003.tar", rewrite)
+    with pytest.warns(UserWarning, match=re.escape(warned)):
+        batches = list(eval_loader(shards, split="validation", batch_size=4))
+    assert same_batches(batches, list(eval_loader(prepared, split="validation", batch_size=4))) == as_prepared
+    read_from_byte_zero(monkeypatch)
+    assert same_batches(batches, list(eval_loader(shards, split="validation", batch_size=4)))
+
+
+def test_without_a_manifest_every_shard_is_read_from_its_first_byte(prepared, tmp_path):
+    copy = shutil.copytree(prepared, tmp_path / "shards")
+    (copy / "manifest.parquet").unlink()
+    with pytest.warns(UserWarning, match="2 of 2 shards are not laid out .* manifest.parquet: there is none"):
+        batches = list(eval_loader(copy, split="validation", batch_size=4))
+    assert same_batches(batches, list(eval_loader(prepared, split="validation", batch_size=4)))

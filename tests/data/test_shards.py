@@ -66,6 +66,19 @@ def test_shards_manifest_and_stats(prepared):
     assert np.allclose(stats["std"], images.std(axis=(0, 1, 2)), atol=1e-9)
 
 
+def test_sample_k_of_a_shard_starts_at_k_sample_bytes(prepared):
+    # What the loader's ranged reads rest on, against tarfile's own reading of the shards.
+    stats = read_stats(prepared)
+    stride = shards_module.sample_bytes(stats["params"]["size"])
+    assert stride == 512 + 512 + 512 + 12800  # attrs.npy: 128 + 40 bytes; ppm: 13 + 64 * 64 * 3
+    for shard in stats["shards"]["train"] + stats["shards"]["test"]:
+        with tarfile.open(prepared / shard["file"]) as tar:
+            members = tar.getmembers()
+        assert [m.offset for m in members[::2]] == [k * stride for k in range(shard["count"])]
+        assert all(m.name.endswith(".attrs.npy") for m in members[::2]) and len(members) == 2 * shard["count"]
+        assert shard["bytes"] == shards_module.shard_bytes(shard["count"], stats["params"]["size"])
+
+
 def test_three_layouts_give_identical_shards(tmp_path, prepare_into):
     stats = {}
     for layout in ("official", "zip", "kaggle"):

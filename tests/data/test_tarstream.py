@@ -117,3 +117,20 @@ def test_an_unsupported_member_is_named_at_its_own_offset(tmp_path):
         tar.addfile(sparse)
     with pytest.raises(TarFormatError, match=r"unsupported tar member type b'S' at byte 1024$"):
         list(tar_members(str(path)))
+
+
+def test_a_byte_range_reads_the_members_in_it_and_names_a_cut_member(tmp_path):
+    path = tmp_path / "shard.tar"
+    write_tar(path, tarfile.USTAR_FORMAT, MEMBERS[:4], with_directory=False)
+    with tarfile.open(path) as tar:
+        offsets = [member.offset for member in tar] + [None]
+    whole = [(m["fname"], m["data"]) for m in tar_members(str(path))]
+    # Members 1 and 2: from the header of the second to the end of the third (the header of the fourth).
+    ranged = [(m["fname"], m["data"]) for m in tar_members(str(path), offsets[1], offsets[3])]
+    assert ranged == whole[1:3]
+    with pytest.raises(TarFormatError, match=rf"member at byte {offsets[1]} runs past the end of the range, byte 1600"):
+        list(tar_members(str(path), offsets[1], 1600))  # inside member 1's padding
+    with pytest.raises(TarFormatError, match=rf"member at byte {offsets[3]} ends early"):
+        list(tar_members(str(path), offsets[3], offsets[3] + 600))  # inside member 3's data
+    with pytest.raises(ValueError, match="needs the byte where the range stops"):
+        list(tar_members(str(path), offsets[1]))
