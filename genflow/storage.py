@@ -90,9 +90,13 @@ def is_remote(location: str | Path) -> bool:
     if found not in REMOTE_SCHEMES:
         raise StorageError(f"{location}: unknown storage scheme {found}://; use a local or shared path, file://, "
                            f"s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
-    bucket, slash, key = str(location).split("://", 1)[1].partition("/")
-    if "@" in bucket:  # no bucket name holds one: USER:SECRET@BUCKET, which pyarrow would use as keys
-        shown = f"{found}://{bucket.rsplit('@', 1)[1]}{slash}{key}"
+    rest = str(location).split("://", 1)[1]
+    bucket, slash, key = rest.partition("/")
+    # No bucket name holds an "@" or a ":": USER:SECRET@BUCKET, which pyarrow would use as keys. An
+    # AWS secret key often holds a "/", which then ends the "bucket" inside the secret (its ":" is
+    # left there), before the "@"; such a secret never holds an "@", so the first one ends it.
+    if "@" in bucket or (":" in bucket and "@" in rest):
+        shown = f"{found}://{bucket.rsplit('@', 1)[1]}{slash}{key}" if "@" in bucket else f"{found}://{rest.split('@', 1)[1]}"
         raise StorageError(f"{shown}: the location carries credentials (USER:SECRET@ before the bucket), which would "
                            f"be printed, logged and saved with the runs; use {shown}, with the credentials in the "
                            f"environment of each machine that uses it ({_CREDENTIALS_HINT[found]})")
