@@ -85,6 +85,8 @@ def is_remote(location: str | Path) -> bool:
     """True for an object-store URI; False for a local path (a file:// URI included). Refuses an
     unknown scheme, naming the location."""
     found = scheme(str(location))
+    if found == "file":
+        _check_file_uri(str(location))
     if found is None or found == "file":
         return False
     if found not in REMOTE_SCHEMES:
@@ -101,6 +103,19 @@ def is_remote(location: str | Path) -> bool:
                            f"be printed, logged and saved with the runs; use {shown}, with the credentials in the "
                            f"environment of each machine that uses it ({_CREDENTIALS_HINT[found]})")
     return True
+
+
+def _check_file_uri(location: str) -> None:
+    """Refuse a file:// URI whose authority local_path would drop: credentials, or another machine."""
+    parts = urlsplit(location)
+    shown = f"file://{parts.path}"
+    if "@" in parts.netloc:
+        raise StorageError(f"{shown}: the location carries credentials (USER:SECRET@ before the path), which would be "
+                           f"printed, logged and saved with the runs, and which a local file does not use; use {shown}")
+    if parts.netloc not in ("", "localhost"):
+        raise StorageError(f"{location}: names a file on the machine {parts.netloc}, but a file:// location is read "
+                           f"where genflow runs; use {shown} for this machine's (or a mount every node shares), or an "
+                           "object store's URI (s3://BUCKET/PREFIX)")
 
 
 def resolved(location: str | Path) -> str:

@@ -120,6 +120,16 @@ def test_a_location_with_credentials_in_it_is_refused_without_echoing_them(locat
     assert storage.resolved("s3://bucket/an@in-a-key") == "s3://bucket/an@in-a-key"  # a key may hold one
 
 
+def test_a_file_uri_names_a_local_path_alone(tmp_path):
+    # local_path reads the path of a file:// URI only: what is before it would be dropped unread.
+    assert storage.resolved(f"file://localhost{tmp_path}/x") == str(tmp_path / "x")
+    with pytest.raises(StorageError, match=rf"^file://{tmp_path}/x: the location carries credentials") as refused:
+        storage.resolved(f"file://me:s3cr3t-value@localhost{tmp_path}/x")
+    assert "s3cr3t-value" not in str(refused.value)
+    with pytest.raises(StorageError, match=rf"file://nfs-server{tmp_path}/x: names a file on the machine nfs-server"):
+        storage.join(f"file://nfs-server{tmp_path}/x", "a")
+
+
 def test_a_missing_bucket_or_file_is_named(s3_bucket):
     from genflow.data.loader import read_stats
 
