@@ -280,8 +280,8 @@ def _manifest_keys(folder: str) -> tuple[dict[str, np.ndarray], str]:
     filesystem, inner = storage.filesystem(path)
     try:
         table = pq.read_table(inner, filesystem=filesystem, columns=["shard", "key"], read_dictionary=["shard"])
-    except pa.ArrowException as err:
-        return {}, f": unreadable, {str(err).strip()}"
+    except pa.ArrowException as err:  # its first line: a missing column's error goes on with the file's whole schema
+        return {}, f": unreadable, {str(err).strip().splitlines()[0]}"
     shard = table["shard"].combine_chunks()
     codes, keys = shard.indices.to_numpy(), table["key"].to_numpy(zero_copy_only=False)
     order = np.argsort(codes, kind="stable")  # rows grouped by shard, each group in written order

@@ -387,3 +387,15 @@ def test_without_a_manifest_every_shard_is_read_from_its_first_byte(prepared, tm
     with pytest.warns(UserWarning, match="2 of 2 shards are not laid out .* manifest.parquet: there is none"):
         batches = list(eval_loader(copy, split="validation", batch_size=4))
     assert same_batches(batches, list(eval_loader(prepared, split="validation", batch_size=4)))
+
+
+def test_a_manifest_without_the_shards_column_is_one_line_of_warning(prepared, tmp_path):
+    # A manifest another writer made: the loader reads from byte 0 and says why, in one line.
+    copy = shutil.copytree(prepared, tmp_path / "shards")
+    manifest = pq.read_table(copy / "manifest.parquet")
+    pq.write_table(manifest.drop_columns(["shard"]), copy / "manifest.parquet")
+    with pytest.warns(UserWarning) as warned:
+        batches = list(eval_loader(copy, split="validation", batch_size=4))
+    [message] = [str(warning.message) for warning in warned]
+    assert "manifest.parquet: unreadable, No match for FieldRef.Name(shard)" in message and "\n" not in message
+    assert same_batches(batches, list(eval_loader(prepared, split="validation", batch_size=4)))
