@@ -57,6 +57,11 @@ REMOTE_SCHEMES = ("s3", "gs")
 # Which store a location names, beyond its URI: not secret, and the same on every node, so they are
 # passed on to Ray's processes (worker_env). Credentials are each node's own (see the docstring).
 STORE_SETTINGS = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Where the AWS SDK finds credentials other than the key variables, which it reads once, when a
+# filesystem is made (the key variables it reads at each request): part of the filesystems' cache
+# key, never passed on.
+_CREDENTIAL_SOURCES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+                       "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
 # Where a process finds its credentials for each store (for error messages).
 _CREDENTIALS_HINT = {
     "s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role",
@@ -157,14 +162,15 @@ def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(local_path(location).resolve())
     uri = resolved(location)
     with _errors(uri):
-        return _filesystem(scheme(uri), uri.split("/", 3)[2], tuple(worker_env().items())), uri.split("://", 1)[1]
+        sources = tuple(os.environ.get(name) for name in _CREDENTIAL_SOURCES)
+        return _filesystem(scheme(uri), uri.split("/", 3)[2], tuple(worker_env().items()), sources), uri.split("://", 1)[1]
 
 
 @lru_cache(maxsize=16)
-def _filesystem(kind: str, bucket: str, settings: tuple[tuple[str, str], ...]) -> pafs.FileSystem:
-    # `settings` (STORE_SETTINGS as set here) is part of the cache key: another endpoint or region
-    # makes a new filesystem. Credentials are not: the filesystem reads them from the environment of
-    # the process using it at each request.
+def _filesystem(kind: str, bucket: str, settings: tuple[tuple[str, str], ...], sources: tuple) -> pafs.FileSystem:
+    # `settings` (STORE_SETTINGS as set here) and `sources` (_CREDENTIAL_SOURCES) are the cache key:
+    # another endpoint, region or profile makes a new filesystem. The key variables are not: the
+    # filesystem reads them from the environment of the process using it at each request.
     env = dict(settings)
     if kind != "s3":
         return pafs.FileSystem.from_uri(f"{kind}://{bucket}")[0]

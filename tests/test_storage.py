@@ -91,6 +91,29 @@ def test_the_filesystem_ray_pickles_holds_no_credential_and_uses_the_unpickling_
     assert "ACCESS_DENIED" in done.stderr.decode() or "SignatureDoesNotMatch" in done.stderr.decode(), done.stderr.decode()[-2000:]
 
 
+def test_a_profile_set_after_the_store_was_first_used_is_used(s3_bucket, monkeypatch, tmp_path):
+    # The AWS SDK reads which profile (and which files) when a filesystem is made, not at each request.
+    import boto3
+    from moto import settings
+
+    storage.write_bytes(f"{s3_bucket}/a.txt", "x")  # a filesystem made with the key variables
+    iam = boto3.client("iam")
+    user = f"genflow-{s3_bucket[-12:]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    (tmp_path / "credentials").write_text(f"[genflow-test]\naws_access_key_id = {key['AccessKeyId']}\n"
+                                          f"aws_secret_access_key = {key['SecretAccessKey']}\n")
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks every request's keys from here
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "genflow-test")
+    assert storage.read_text(f"{s3_bucket}/a.txt") == "x"
+
+
 def test_workers_are_told_which_store_never_its_credentials(monkeypatch):
     # genflow.storage.worker_env goes into the Ray runtime_envs genflow sets: the dashboard shows
     # them, and a profile name or a credentials file's path names nothing on another node.
