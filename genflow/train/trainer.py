@@ -11,6 +11,7 @@ names a run explicitly; reused with changed params it is refused, naming the cha
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +181,8 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
             trainer = torch_trainer(family, params, name=name, storage=storage, tracking_uri=tracking_uri,
                                     mlflow_run_id=run.info.run_id, batch_source=batch_source,
                                     validation_source=validation_source, callbacks=[ledger], progress=True)
-            result = fit_stoppably(trainer)
+            with controller_storage_refusals(storage):
+                result = fit_stoppably(trainer)
         except KeyboardInterrupt:  # Ctrl+C or SIGTERM: the checkpoints Ray registered are kept
             mlflow.end_run(status="KILLED")
             tags = mlflow.get_run(run.info.run_id).data.tags
@@ -196,6 +199,24 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
             mlflow.log_metrics({f"final/{k}": float(v) for k, v in result.metrics.items()})
         checkpoint = stores.in_ray_storage(result.checkpoint.path, storage)
         return TrainResult(family, run.info.run_id, name, checkpoint, dict(result.metrics))
+
+
+@contextlib.contextmanager
+def controller_storage_refusals(storage: str) -> Iterator[None]:
+    """A store's refusal in Ray Train's controller as genflow's StorageError.
+
+    The controller opens train.storage_path first, on whichever node Ray puts it, with that node's
+    credentials (genflow passes on no keys: genflow/storage.py). A node without them kills the
+    controller in its __init__, which reaches the driver as Ray's ActorDiedError, pyarrow's
+    message at the end of a long traceback; a driver that has the keys itself would not see why."""
+    try:
+        yield
+    except ray.exceptions.ActorDiedError as err:
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        if not (stores.is_remote(storage) and "TrainController.__init__" in str(err) and last.startswith("OSError:")):
+            raise
+        raise stores.StorageError(f"Ray Train's controller, on a node of the Ray cluster, could not open "
+                                  f"train.storage_path: {stores.refusal(storage, OSError(last.removeprefix('OSError:').strip()))}") from None
 
 
 def torch_trainer(family: str, params: Params, *, name: str, storage: str, tracking_uri: str, mlflow_run_id: str,

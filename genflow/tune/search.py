@@ -50,7 +50,7 @@ from genflow import storage as stores
 from genflow.config import Params, ParamsError, flatten
 from genflow.provenance import provenance_tags
 from genflow.train.loop import BatchSource, NonFiniteLossError
-from genflow.train.trainer import ensure_ray, torch_trainer
+from genflow.train.trainer import controller_storage_refusals, ensure_ray, torch_trainer
 from genflow.track import mlflow as tracking
 from genflow.track.identity import run_key
 from genflow.track.mlflow import with_retries
@@ -138,7 +138,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         tracking_uri=setup.runs.tracking_uri, mlflow_run_id=run_id,
         batch_source=setup.batch_source, callbacks=[TuneReportCallback()],
     )
-    trainer.fit()
+    with controller_storage_refusals(setup.train_storage):
+        trainer.fit()
     # The loop stops at a non-finite loss without raising (Train would retry it); see genflow.train.trainer.
     failure = with_retries(lambda: client.get_run(run_id)).data.tags.get(tracking.FAILURE_TAG)
     if failure:

@@ -330,3 +330,40 @@ def test_no_credential_of_the_store_travels_with_the_trainer(tiny_params, monkey
     assert not any(value.encode() in shipped for value in credentials.values())
     filesystem = trainer.run_config.storage_filesystem
     assert filesystem.region == "eu-west-1" and b"http://127.0.0.1:9000" in shipped  # which store, in the pickle
+
+
+def controller_died(last_line: str) -> ray.exceptions.ActorDiedError:
+    """What Ray Train 2.60's driver gets when its controller's __init__ raises (as on a node whose
+    credentials the store refuses: pyarrow's OSError from StorageContext)."""
+    traceback = f'Traceback (most recent call last):\n  File "ray/train/v2/_internal/execution/storage.py"\n{last_line}'
+    died = ray.exceptions.RayTaskError("__init__", traceback, OSError(), proctitle="ray::TrainController.__init__")
+    return ray.exceptions.ActorDiedError(died)
+
+
+def test_a_controller_node_the_store_refuses_is_a_storage_error_saying_where_to_set_credentials(
+        tiny_params, s3_bucket, monkeypatch):
+    from genflow.storage import StorageError
+    from genflow.train import trainer
+
+    refused = "OSError: When testing for existence of bucket 'b': AWS Error ACCESS_DENIED during HeadBucket operation"
+
+    def fit(ray_trainer):
+        raise controller_died(refused)
+
+    monkeypatch.setattr(trainer, "fit_stoppably", fit)
+    monkeypatch.setattr(trainer, "ensure_ray", lambda ray_params: None)
+    images, attrs = data(16)
+    with pytest.raises(StorageError) as refusal:
+        train("vae", tiny_params(f"train.storage_path={s3_bucket}/ray"), batch_source=InMemoryBatches(images, attrs, 8),
+              dataset_digest="refused")
+    message = str(refusal.value)
+    assert message.startswith(f"Ray Train's controller, on a node of the Ray cluster, could not open train.storage_path: "
+                              f"{s3_bucket}/ray: the store refused")
+    assert "ACCESS_DENIED" in message and "set them on every Ray node" in message and "Traceback" not in message
+    # Anything else the controller dies of, or a local storage's failure, stays Ray's own error.
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        with trainer.controller_storage_refusals(f"{s3_bucket}/ray"):
+            raise controller_died("ValueError: a bad callback")
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        with trainer.controller_storage_refusals("/tmp/ray"):
+            raise controller_died("OSError: disk full")
