@@ -9,6 +9,16 @@ import pytest
 from genflow.config import load_params
 from genflow.storage import STORE_SETTINGS
 
+# Ray Train's fixed costs, which every Ray Train run of the suite pays (set before Ray starts; the
+# processes tests start, `dvc repro`'s stages and the submit tests' Ray head, inherit them):
+# - its controller polls the workers every 2 s by default, so a run's end, a worker's crash and
+#   a report each wait up to one interval to be seen; 0.2 s keeps each a fraction of a second.
+#   (genflow's Ctrl+C grace, two intervals, follows: genflow/train/interrupt.py.)
+# - a preemption watcher (one more Ray process per worker-group start, on 2 shared cores) stands
+#   by for a cluster's node drains, which a one-machine test never has.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 TINY_VAE = [
     "models.vae.hidden_channels=[8,16,32,32]",
     "models.vae.latent_dim=8",

@@ -378,7 +378,10 @@ def ray_head():
     ]
     log_path = Path(temp_dir) / "ray_start.log"
     with open(log_path, "w") as log:
-        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_environment(**token),
+        # No drain on SIGTERM: Ray's default waits up to 30 s for the node to drain (for Ray Serve's
+        # proxies, which this cluster has none of) before it stops the node's processes.
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env=_environment(**token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"),
                                 start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:

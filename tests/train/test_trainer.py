@@ -2,6 +2,7 @@
 and the non-finite-loss stop."""
 
 import math
+import os
 import sys
 import threading
 import time
@@ -58,6 +59,31 @@ class NaNAfter(InMemoryBatches):
         def epoch(index):
             for i, (images, attrs) in enumerate(plain_epoch(index)):
                 yield (images * float("nan") if i >= self.bad else images), attrs
+
+        epochs.epoch = epoch
+        return epochs
+
+
+class StallOnce(InMemoryBatches):
+    """In-memory batches; rank 0 stalls at batch `index` of epoch `epoch` the first time it gets
+    there, until its worker is killed: the kill then lands mid-run, however fast the steps before
+    it run. A marker file, holding the stalled worker's process id, makes it once per test, across
+    Ray's restart of the workers."""
+
+    def __init__(self, images, attrs, batch_size, epoch, index, marker):
+        super().__init__(images, attrs, batch_size)
+        self.epoch_number, self.index, self.marker = epoch, index, Path(marker)
+
+    def __call__(self, rank, world_size, seed, image_range):
+        epochs = super().__call__(rank, world_size, seed, image_range)
+        plain_epoch = epochs.epoch
+
+        def epoch(number):
+            for i, batch in enumerate(plain_epoch(number)):
+                if rank == 0 and (number, i) == (self.epoch_number, self.index) and not self.marker.exists():
+                    self.marker.write_text(str(os.getpid()))
+                    time.sleep(300)  # the test kills a worker long before this ends
+                yield batch
 
         epochs.epoch = epoch
         return epochs
@@ -123,33 +149,36 @@ def test_two_ddp_workers_match_one_worker_on_the_combined_batch_and_log_their_no
 
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tiny_params, tmp_path):
     images, attrs = data(256)
-    params = tiny_params("train.workers=2", "train.max_steps=300", "train.checkpoint_every=10", "train.log_every=10",
+    # 256 images, 2 ranks, batches of 8: 16 steps an epoch. Checkpoints at steps 10 and 20; rank 0
+    # stalls fetching step 26's batch (epoch 1, batch 9), once, and its worker process is killed
+    # (SIGKILL) there, as the OOM killer or a lost node would end it.
+    params = tiny_params("train.workers=2", "train.max_steps=30", "train.checkpoint_every=10", "train.log_every=10",
                          "train.max_failures=2", "train.run_name=killed")
-    storage = Path(params.train.storage_path) / "killed"
+    stalled = tmp_path / "stalled"
     killed = []
 
-    def kill_a_worker_after_the_first_checkpoint():
+    def kill_the_stalled_worker():
         deadline = time.time() + 120
-        while time.time() < deadline and len(checkpoint_dirs(storage)) < 2:
+        while time.time() < deadline and not (stalled.exists() and stalled.read_text()):
             time.sleep(0.05)
         # The controller collects reports by polling the workers: give it time to register the
         # checkpoint before the worker holding the report dies.
         time.sleep(2)
-        for process in psutil.process_iter(["cmdline"]):
-            if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
-                process.kill()
-                killed.append(process.pid)
-                return
+        process = psutil.Process(int(stalled.read_text()))
+        assert any("RayTrainWorker" in part for part in process.cmdline()), process.cmdline()
+        process.kill()
+        killed.append(process.pid)
 
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint)
+    killer = threading.Thread(target=kill_the_stalled_worker)
     killer.start()
-    result = train("vae", params, batch_source=InMemoryBatches(images, attrs, 8), dataset_digest="kill")
+    result = train("vae", params, batch_source=StallOnce(images, attrs, 8, epoch=1, index=9, marker=stalled),
+                   dataset_digest="kill")
     killer.join()
     assert killed, "no worker was found to kill"
     starts = start_steps(result.mlflow_run_id)
     assert starts[0] == 0 and len(starts) == 2, starts
     assert starts[1] > 0 and starts[1] % 10 == 0  # resumed at a checkpoint, not from 0
-    assert result.metrics["step"] == 300
+    assert result.metrics["step"] == 30
 
 
 def test_a_run_of_the_same_name_resumes_and_a_longer_one_is_another_run(ray_local, tiny_params):
@@ -190,7 +219,8 @@ def test_explicit_run_name_with_changed_params_is_refused_naming_them(ray_local,
 def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints_clean_and_a_clean_resume_is_not_poisoned(
         ray_local, tiny_params):
     images, attrs = data()
-    params = tiny_params("train.workers=2", "train.max_steps=20", "train.checkpoint_every=1", "train.run_name=nan")
+    # A checkpoint every step: none may be written at the NaN step 3 or after it.
+    params = tiny_params("train.workers=2", "train.max_steps=6", "train.checkpoint_every=1", "train.run_name=nan")
     with pytest.raises(NonFiniteLossError, match="step 3"):
         train("vae", params, batch_source=NaNAfter(images, attrs, 4, bad=3), dataset_digest="nan")
     run = mlflow.search_runs(experiment_names=["celeba64"], filter_string="tags.`genflow.ray_run` = 'nan'", output_format="list")[0]
@@ -203,7 +233,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints_clean_and_a
         assert all(torch.isfinite(v).all() for v in load_model(checkpoint).state_dict().values() if v.is_floating_point())
     # Issue 8 #5: the failure tag belonged to that attempt; resumed on clean data, the run finishes.
     resumed = train("vae", params, batch_source=InMemoryBatches(images, attrs, 4), dataset_digest="nan")
-    assert resumed.mlflow_run_id == run.info.run_id and resumed.metrics["step"] == 20
+    assert resumed.mlflow_run_id == run.info.run_id and resumed.metrics["step"] == 6
 
 
 def test_resume_mid_epoch_after_a_crash_is_bit_exact(ray_local, tiny_params, shards, tmp_path):
