@@ -330,3 +330,22 @@ def test_no_credential_of_the_store_travels_with_the_trainer(tiny_params, monkey
     assert not any(value.encode() in shipped for value in credentials.values())
     filesystem = trainer.run_config.storage_filesystem
     assert filesystem.region == "eu-west-1" and b"http://127.0.0.1:9000" in shipped  # which store, in the pickle
+
+
+def test_a_train_workers_print_is_rays_own_so_each_line_shows_once(tiny_params, monkeypatch):
+    # Ray 2.60's print patch in Train workers (ray/train/v2/_internal/logging/patch_print.py) both
+    # logs and prints each line: the progress line showed twice. The workers' env turns it off.
+    import builtins
+
+    from ray.train.v2._internal.logging.patch_print import patch_print_function
+
+    from genflow.train.trainer import torch_trainer
+
+    trainer = torch_trainer("vae", tiny_params(), name="n", storage="ray_results", tracking_uri="sqlite:///x.db",
+                            mlflow_run_id="r")
+    for name, value in trainer.run_config.worker_runtime_env["env_vars"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(builtins, "print", builtins.print)  # put back after the test, patched or not
+    unpatched = builtins.print
+    patch_print_function()  # what a Train worker does at its start
+    assert builtins.print is unpatched
