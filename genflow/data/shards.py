@@ -299,7 +299,10 @@ def _stats(data: DataParams, celeba: CelebA, written: _Written, assigned: dict[s
     std = np.sqrt(np.maximum(written.train_histogram @ values**2 / pixels - mean**2, 0.0))
     return {
         "source": {"path": str(data.source_path()), "layout": celeba.layout, "is_sample": data.is_sample()},
-        "params": data.model_dump(),
+        # data.sample made these shards only when it is the source: recorded otherwise, a changed
+        # sample setting would change a CelebA preparation's output, and with it (under DVC, where
+        # prepare depends on the sample too: dvc.yaml) every stage downstream.
+        "params": data.model_dump(exclude=None if data.is_sample() else {"sample"}),
         "squares": _describe_squares(data.crop, data.size),
         "counts": {
             **counts,

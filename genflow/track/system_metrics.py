@@ -7,7 +7,9 @@ disk and network use, and the GPUs the run holds there (utilisation, memory, pow
 
 NVML sees every GPU of the machine, also those that Ray gave to other trials sharing the node; the
 run's own are those in CUDA_VISIBLE_DEVICES, which Ray Train sets, on each node, to the GPUs of all
-the run's workers there. So `gpu_I` is the run's CUDA device I on that node (`cuda:I` in its
+the run's workers there (the union, sorted: ray/train/v2/_internal/callbacks/accelerators.py;
+with TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES=0 each worker has only its own, and the node's first
+worker logs only that). So `gpu_I` is the run's CUDA device I on that node (`cuda:I` in its
 workers), and a run that trains on CPUs logs no GPU metrics. NODE is `node<rank>-<host>`: Ray Train's node
 rank and the machine's host name (a Kubernetes pod's, an EC2 instance's), so a slow node is
 found by name. The driver logs none (on a cluster it is the CPU head, which trains nothing).
@@ -75,18 +77,43 @@ def held_gpus(use_gpu: bool, visible: str | None) -> list[str] | None:
 
 
 def _only_these_gpus(monitor, gpus: list[str]) -> None:
-    """Point the monitor's NVML sampler at `gpus` alone (CUDA_VISIBLE_DEVICES entries: an index, as
-    Ray writes them, or a GPU-/MIG- UUID), in that order; drop it when there are none."""
+    """Point the monitor's NVML sampler at `gpus` alone (CUDA_VISIBLE_DEVICES entries), in that
+    order; drop it when there are none, or when NVML finds no GPU an entry names: metrics are not
+    worth a failed training run, so that is a warning on the worker's log."""
     from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 
     for sampler in [m for m in monitor.monitors if isinstance(m, GPUMonitor)]:
-        if not gpus:
+        handles = []
+        if gpus:
+            import pynvml
+
+            try:
+                handles = [_nvml_handle(gpu) for gpu in gpus]
+            except (pynvml.NVMLError, LookupError) as unknown:
+                logging.getLogger(__name__).warning(
+                    "genflow: no GPU metrics on this node: NVML finds no GPU for CUDA_VISIBLE_DEVICES=%s (%s)",
+                    ",".join(gpus), unknown)
+        if not handles:
             monitor.monitors.remove(sampler)
             continue
-        import pynvml
+        sampler.gpu_handles = handles
+        sampler.num_gpus = len(handles)
 
-        # Ray numbers a node's GPUs as NVML does (its GPU count comes from NVML), so an index
-        # names the same device to both.
-        sampler.gpu_handles = [pynvml.nvmlDeviceGetHandleByIndex(int(gpu)) if gpu.isdigit()
-                               else pynvml.nvmlDeviceGetHandleByUUID(gpu) for gpu in gpus]
-        sampler.num_gpus = len(gpus)
+
+def _nvml_handle(entry: str):
+    """NVML's handle of the GPU that a CUDA_VISIBLE_DEVICES entry names, in the forms CUDA takes: an
+    index (nvidia-smi's, which is NVML's: Ray writes the node's own entries there, e.g. 2,3 for its
+    GPUs 0,1 on a node started under CUDA_VISIBLE_DEVICES=2,3), a GPU-/MIG- UUID, or a GPU UUID's
+    unique prefix (`GPU-8932f937`)."""
+    import pynvml
+
+    if entry.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+    try:
+        return pynvml.nvmlDeviceGetHandleByUUID(entry)
+    except pynvml.NVMLError:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        named = [handle for handle in handles if pynvml.nvmlDeviceGetUUID(handle).startswith(entry)]
+        if len(named) != 1:
+            raise LookupError(f"{entry!r} is the start of {len(named)} GPUs' UUIDs") from None
+        return named[0]

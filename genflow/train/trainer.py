@@ -219,6 +219,12 @@ def controller_storage_refusals(storage: str) -> Iterator[None]:
                                   f"train.storage_path: {stores.refusal(storage, OSError(last.removeprefix('OSError:').strip()))}") from None
 
 
+# Ray 2.60's Train workers patch print() to log each line to Train's logger and, as a Ray worker's
+# sys.stdout is not sys.__stdout__, to print it as well: every line on the console twice (the
+# progress line of `genflow train` included). Unpatched, a worker's print is Ray's ordinary one.
+PRINT_ONCE = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def torch_trainer(family: str, params: Params, *, name: str, storage: str, tracking_uri: str, mlflow_run_id: str,
                   batch_source: BatchSource | None = None, validation_source: BatchSource | None = None,
                   callbacks: list | None = None, progress: bool = False) -> TorchTrainer:
@@ -252,7 +258,8 @@ def torch_trainer(family: str, params: Params, *, name: str, storage: str, track
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Which object store too (never its credentials: each node has its own; genflow/storage.py):
             # the workers read the shards, write the checkpoints and log to MLflow's artifact store.
-            worker_runtime_env={"env_vars": {**TELEMETRY_OFF, **tracking.worker_env(tracking_uri), **stores.worker_env()}},
+            worker_runtime_env={"env_vars": {**TELEMETRY_OFF, **tracking.worker_env(tracking_uri), **stores.worker_env(),
+                                             **PRINT_ONCE}},
             callbacks=callbacks,
         ),
     )

@@ -331,3 +331,17 @@ def test_prepare_refuses_a_prefix_it_did_not_write_and_a_missing_bucket(tmp_path
     missing = s3_bucket.replace("genflow-", "missing-")
     with pytest.raises(ValueError, match=rf"cannot write {missing}/shards: the store has no bucket"):
         prepare_into(tmp_path / "sample", f"{missing}/shards")
+
+
+def test_a_celeba_sources_shards_do_not_depend_on_the_sample_settings(tmp_path):
+    # Under DVC prepare depends on data.sample.dir too (dvc.yaml): a changed data.sample.n reruns
+    # it on a CelebA source, and the same shards then keep every later stage from running again.
+    write_sample(tmp_path / "celeba", n=12, seed=3)
+    outputs, shards = [], tmp_path / "shards"
+    for n in (40, 44):
+        prepare(DataParams(source=str(tmp_path / "celeba"), sample={"n": n}, shards=str(shards), processes=1))
+        outputs.append({str(path.relative_to(shards)): path.read_bytes() for path in shards.rglob("*") if path.is_file()})
+    assert outputs[0] == outputs[1] and "sample" not in json.loads(outputs[0]["stats.json"])["params"]
+    stats = prepare(DataParams(source="sample", sample={"dir": str(tmp_path / "celeba"), "n": 12},
+                               shards=str(tmp_path / "from_sample"), processes=1))
+    assert stats["params"]["sample"]["n"] == 12  # the sample's own settings made these

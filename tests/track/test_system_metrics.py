@@ -60,12 +60,24 @@ def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_rais
 @pytest.fixture
 def four_gpus(monkeypatch):
     """NVML faked with four GPUs whose utilisation is 10, 20, 30, 40 %; their handles by index and
-    by UUID (GPU-0 ... GPU-3)."""
+    by full UUID (GPU-0aaaaaaa-1111 ... GPU-3aaaaaaa-1111), as NVML has them."""
     import pynvml  # nvidia-ml-py, which MLflow's GPU monitor reads; NVML itself is faked here
 
+    uuids = [f"GPU-{i}aaaaaaa-1111" for i in range(4)]
+
+    def by_index(i):
+        if not 0 <= i < 4:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return i
+
+    def by_uuid(uuid):
+        if uuid not in uuids:  # NVML takes only a whole UUID
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        return uuids.index(uuid)
+
     fake = {
-        "nvmlInit": lambda: None, "nvmlDeviceGetCount": lambda: 4, "nvmlDeviceGetHandleByIndex": lambda i: i,
-        "nvmlDeviceGetHandleByUUID": lambda uuid: int(uuid.removeprefix("GPU-")),
+        "nvmlInit": lambda: None, "nvmlDeviceGetCount": lambda: 4, "nvmlDeviceGetHandleByIndex": by_index,
+        "nvmlDeviceGetHandleByUUID": by_uuid, "nvmlDeviceGetUUID": lambda handle: uuids[handle],
         "nvmlDeviceGetMemoryInfo": lambda handle: SimpleNamespace(used=2e9, total=8e9),
         "nvmlDeviceGetUtilizationRates": lambda handle: SimpleNamespace(gpu=10 * (handle + 1)),
         "nvmlDeviceGetPowerUsage": lambda handle: 100_000, "nvmlDeviceGetEnforcedPowerLimit": lambda handle: 400_000,
@@ -82,7 +94,8 @@ def gpu_utilisation(client, run_id: str, node: str) -> dict[str, float]:
 @pytest.mark.parametrize("held, expected", [
     (None, {"gpu_0": 10, "gpu_1": 20, "gpu_2": 30, "gpu_3": 40}),  # outside Ray: all the process sees
     (["3", "1"], {"gpu_0": 40, "gpu_1": 20}),  # the run's cuda:0 is the node's GPU 3
-    (["GPU-2"], {"gpu_0": 30}),  # CUDA_VISIBLE_DEVICES may name a GPU by UUID
+    (["GPU-2aaaaaaa-1111"], {"gpu_0": 30}),  # CUDA_VISIBLE_DEVICES may name a GPU by UUID
+    (["GPU-3", "GPU-0a"], {"gpu_0": 40, "gpu_1": 10}),  # or by its UUID's unique prefix, as CUDA takes it
     ([], {}),  # a CPU run on a GPU node
 ])
 def test_a_node_logs_the_gpus_its_run_holds_there_through_nvml(store, four_gpus, held, expected):
@@ -98,6 +111,19 @@ def test_a_node_logs_the_gpus_its_run_holds_there_through_nvml(store, four_gpus,
         assert metrics["system/node1-gpuhost/gpu_0_memory_usage_percentage"] == 25
         assert metrics["system/node1-gpuhost/gpu_0_power_usage_watts"] == 100
     assert "system/node1-gpuhost/cpu_utilization_percentage" in metrics
+
+
+@pytest.mark.parametrize("held", [["MIG-GPU-2aaaaaaa-1111/1/0"], ["GPU-"], ["1", "7"]])
+def test_a_gpu_nvml_does_not_find_turns_the_gpu_metrics_off_not_the_training(store, four_gpus, held, caplog):
+    # CUDA's older MIG form, a prefix of every UUID, an index past the node's GPUs.
+    uri, experiment_id = store
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(experiment_id).info.run_id
+    with node_system_metrics(uri, run_id, "node1-gpuhost", every_s=0.1, gpus=held):
+        time.sleep(0.3)
+    assert gpu_utilisation(client, run_id, "node1-gpuhost") == {}
+    assert "system/node1-gpuhost/cpu_utilization_percentage" in client.get_run(run_id).data.metrics
+    assert f"no GPU metrics on this node: NVML finds no GPU for CUDA_VISIBLE_DEVICES={','.join(held)}" in caplog.text
 
 
 def test_the_gpus_a_worker_holds_are_its_cuda_visible_devices_and_none_for_a_cpu_run():

@@ -397,3 +397,22 @@ def test_a_controller_node_the_store_refuses_is_a_storage_error_saying_where_to_
     with pytest.raises(ray.exceptions.ActorDiedError):
         with trainer.controller_storage_refusals("/tmp/ray"):
             raise controller_died("OSError: disk full")
+
+
+def test_a_train_workers_print_is_rays_own_so_each_line_shows_once(tiny_params, monkeypatch):
+    # Ray 2.60's print patch in Train workers (ray/train/v2/_internal/logging/patch_print.py) both
+    # logs and prints each line: the progress line showed twice. The workers' env turns it off.
+    import builtins
+
+    from ray.train.v2._internal.logging.patch_print import patch_print_function
+
+    from genflow.train.trainer import torch_trainer
+
+    trainer = torch_trainer("vae", tiny_params(), name="n", storage="ray_results", tracking_uri="sqlite:///x.db",
+                            mlflow_run_id="r")
+    for name, value in trainer.run_config.worker_runtime_env["env_vars"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(builtins, "print", builtins.print)  # put back after the test, patched or not
+    unpatched = builtins.print
+    patch_print_function()  # what a Train worker does at its start
+    assert builtins.print is unpatched
