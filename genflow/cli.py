@@ -196,7 +196,8 @@ def cmd_tuned_pull(args: argparse.Namespace) -> None:
     from genflow.tune.tuned import pull_tuned
 
     pulled = pull_tuned(args.family, configure(_params(args).tracking), args.run)
-    print(f"{'replaced the earlier' if pulled.replaced else 'wrote'} {pulled.path}: the winner of the {args.family} "
+    said = {"none": "wrote", "the same": "already had", "another": "replaced the earlier"}[pulled.earlier]
+    print(f"{said} {pulled.path}: the winner of the {args.family} "
           f"search {pulled.search} (MLflow run {pulled.run_id}): {', '.join(pulled.overrides) or 'no key'}")
 
 

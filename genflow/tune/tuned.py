@@ -88,7 +88,7 @@ class Pulled:
     path: Path
     run_id: str
     search: str  # the search's name
-    replaced: bool  # an earlier tuned file was there
+    earlier: str  # what was there: "none", "the same" (left as it was) or "another" (replaced)
     overrides: list[str]  # key=value, as the file sets them
 
 
@@ -149,6 +149,8 @@ def pull_tuned(family: str, experiment_id: str, run_id: str | None = None) -> Pu
             raise refusal(location, err) from None
         overrides = load_tuned(family, downloaded)  # a file of another family's is refused here
         path = tuned_path(family)
-        replaced = path.exists()
-        write_atomically(path, downloaded.read_bytes())
-    return Pulled(path, run.info.run_id, run.data.tags[SEARCH_TAG], replaced, overrides)
+        content = downloaded.read_bytes()
+        earlier = "none" if not path.exists() else "the same" if path.read_bytes() == content else "another"
+        if earlier != "the same":
+            write_atomically(path, content)
+    return Pulled(path, run.info.run_id, run.data.tags[SEARCH_TAG], earlier, overrides)

@@ -98,7 +98,11 @@ def test_tuned_pull_writes_the_winner_a_search_logged_on_its_run(tmp_path, monke
     assert params.train.lr == 1e-3 and tuned is not None  # every vae command applies it now
 
     assert main(["tuned", "pull", "vae", "--run", parent, *store]) == 0
+    assert capsys.readouterr().out.startswith("already had tuned/vae.yaml: the winner")  # the same winner
+    (tmp_path / "tuned/vae.yaml").write_text((tmp_path / "tuned/vae.yaml").read_text() + "# edited\n")
+    assert main(["tuned", "pull", "vae", "--run", parent, *store]) == 0
     assert capsys.readouterr().out.startswith("replaced the earlier tuned/vae.yaml")
+    assert (tmp_path / "tuned/vae.yaml").read_text() == (tmp_path / "expected.yaml").read_text()
     assert main(["tuned", "pull", "dcgan", "--run", parent, *store]) == 2
     assert f"--run {parent}: a vae search; give the run of a dcgan search" in capsys.readouterr().err
     unfinished = client.create_run(experiment, tags={SEARCH_TAG: "tune-vae-y", FAMILY_TAG: "vae"}).info.run_id
