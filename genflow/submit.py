@@ -90,7 +90,9 @@ def submit(address: str, command: list[str], wait: bool = True, working_dir: str
     ignoring = os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE)
     os.environ[RAY_RUNTIME_ENV_IGNORE_GITIGNORE] = "1"
     try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir))
+        job_env = runtime_env(working_dir)
+        warn_of_this_machine(job_env["env_vars"], address)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_env)
     except RuntimeError as err:
         raise SubmitError(f"the Ray cluster at {address} refused the job: {err}") from None
     finally:
@@ -264,6 +266,25 @@ def runtime_env(working_dir: str = ".") -> dict:
     if credentials_in_use():
         env_vars[CREDENTIALS_NEEDED] = ",".join(credentials_in_use())
     return {"working_dir": str(working_dir), "excludes": upload_excludes(Path(working_dir)), "env_vars": env_vars}
+
+
+def names_this_machine(url: str) -> bool:
+    """Whether `url`'s host is a loopback address (localhost, 127.x, ::1)."""
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def warn_of_this_machine(env_vars: dict[str, str], address: str) -> None:
+    """Warn of a server address the job is given (the tracking server, an S3 endpoint) that names
+    this machine by a loopback name while the cluster is elsewhere: on the cluster it names the node
+    the job runs on. Only a warning: a tunnel or a server on every node makes it right."""
+    if names_this_machine(address):
+        return  # a cluster on this machine: loopback is the same machine for its jobs
+    for name, value in env_vars.items():
+        if "://" in value and names_this_machine(value):
+            print(f"genflow submit: warning: {name}={value} names this machine, but the job runs on the Ray cluster at "
+                  f"{address}, where {urlparse(value).hostname} is the node it runs on; give an address the cluster's "
+                  "nodes reach", file=sys.stderr)
 
 
 def upload_excludes(project: Path) -> list[str]:

@@ -123,6 +123,20 @@ def test_no_credential_travels_in_the_jobs_runtime_env_only_their_names(monkeypa
     assert env[CREDENTIALS_NEEDED] == "MLFLOW_TRACKING_PASSWORD,MLFLOW_TRACKING_USERNAME"
 
 
+def test_a_server_address_naming_this_machine_is_warned_of_when_the_cluster_is_elsewhere(capsys):
+    from genflow.submit import warn_of_this_machine
+
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "AWS_ENDPOINT_URL": "http://localhost:9000",
+           "AWS_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": "http://minio.internal:9000"}
+    warn_of_this_machine(env, "http://ray-head.internal:8265")
+    said = capsys.readouterr().err
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 names this machine" in said
+    assert "AWS_ENDPOINT_URL=http://localhost:9000 names this machine" in said
+    assert "minio.internal" not in said and "AWS_REGION" not in said
+    warn_of_this_machine(env, "http://127.0.0.1:8265")  # a cluster on this machine
+    assert capsys.readouterr().err == ""
+
+
 def test_the_job_is_told_which_object_store_never_its_credentials(monkeypatch, tmp_path):
     # The job's processes on the cluster use their nodes' credentials (genflow/storage.py); the
     # endpoint and region say which store, and a job's driver leaves what the job sets to the job.
