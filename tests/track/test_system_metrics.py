@@ -25,6 +25,19 @@ def monitor_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor" and t.is_alive()]
 
 
+def worker_of_a_run(store, monkeypatch, rank: int, world_size: int):
+    """(client, config) of a Train worker of a new run, on node 0 (its local rank is `rank`), with
+    Ray Train's context stood in for and system metrics sampled every 0.1 s."""
+    uri, experiment_id = store
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(experiment_id).info.run_id
+    context = SimpleNamespace(get_world_rank=lambda: rank, get_world_size=lambda: world_size,
+                              get_local_rank=lambda: rank, get_node_rank=lambda: 0)
+    monkeypatch.setattr(loop.ray.train, "get_context", lambda: context)
+    config = SimpleNamespace(train=TrainParams(system_metrics_every=0.1), tracking_uri=uri, mlflow_run_id=run_id)
+    return client, config
+
+
 def test_the_node_id_names_the_node_rank_and_the_host_in_characters_mlflow_takes():
     assert node_id(3, "gpu-worker-7f9c.cluster.local") == "node3-gpu-worker-7f9c.cluster.local"
     assert node_id(0, "odd host:name") == "node0-odd_host_name"
@@ -33,23 +46,18 @@ def test_the_node_id_names_the_node_rank_and_the_host_in_characters_mlflow_takes
 
 def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_raises(store, monkeypatch, capfd, four_gpus):
     uri, experiment_id = store
-    client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(experiment_id).info.run_id
-    context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1, get_local_rank=lambda: 0,
-                              get_node_rank=lambda: 0)
-    monkeypatch.setattr(loop.ray.train, "get_context", lambda: context)
+    client, config = worker_of_a_run(store, monkeypatch, rank=0, world_size=1)
 
     def setup_that_fails(config, rank, world_size):
         time.sleep(1.0)  # a few samples' time
         raise RuntimeError("the loop failed")
 
     monkeypatch.setattr(loop, "setup", setup_that_fails)
-    config = SimpleNamespace(train=TrainParams(system_metrics_every=0.1), tracking_uri=uri, mlflow_run_id=run_id)
     with pytest.raises(RuntimeError, match="the loop failed"):
         loop.train_worker(config)
     assert not monitor_threads()
     # What it sampled before the failure is in the run, under this node's name.
-    metrics = client.get_run(run_id).data.metrics
+    metrics = client.get_run(config.mlflow_run_id).data.metrics
     assert f"system/{node_id(0)}/cpu_utilization_percentage" in metrics
     assert not [key for key in metrics if not key.startswith(f"system/{node_id(0)}/")]
     # A CPU run (train.gpu false) on a node with GPUs, which other runs may hold: no GPU metrics,
@@ -135,14 +143,8 @@ def test_the_gpus_a_worker_holds_are_its_cuda_visible_devices_and_none_for_a_cpu
 
 
 def test_only_each_nodes_local_rank_0_samples(store, monkeypatch):
-    uri, experiment_id = store
-    client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(experiment_id).info.run_id
-    context = SimpleNamespace(get_world_rank=lambda: 1, get_world_size=lambda: 2, get_local_rank=lambda: 1,
-                              get_node_rank=lambda: 0)
-    monkeypatch.setattr(loop.ray.train, "get_context", lambda: context)
+    _, config = worker_of_a_run(store, monkeypatch, rank=1, world_size=2)  # node 0's second worker
     seen = []
     monkeypatch.setattr(loop, "train_rank", lambda config, rank, world_size: seen.append(monitor_threads()))
-    config = SimpleNamespace(train=TrainParams(system_metrics_every=0.1), tracking_uri=uri, mlflow_run_id=run_id)
     loop.train_worker(config)
     assert seen == [[]]
