@@ -45,7 +45,6 @@ def test_the_node_id_names_the_node_rank_and_the_host_in_characters_mlflow_takes
 
 
 def test_the_node_monitor_stops_and_keeps_its_samples_when_the_workers_loop_raises(store, monkeypatch, capfd, four_gpus):
-    uri, experiment_id = store
     client, config = worker_of_a_run(store, monkeypatch, rank=0, world_size=1)
 
     def setup_that_fails(config, rank, world_size):
