@@ -288,12 +288,8 @@ def open_input(location: str | Path) -> BinaryIO:
     the location when there is none."""
     if not is_remote(location):
         return open(local_path(location), "rb", buffering=_READ_BUFFER)
-    fs, path = filesystem(location)
-    with _errors(str(location)):
-        try:
-            return fs.open_input_stream(path, compression=None, buffer_size=_REMOTE_READ_BUFFER)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{location}: no such file") from None
+    return _open_object(location, lambda fs, path: fs.open_input_stream(path, compression=None,
+                                                                         buffer_size=_REMOTE_READ_BUFFER))
 
 
 def open_range(location: str | Path, start: int, stop: int) -> BinaryIO:
@@ -309,10 +305,16 @@ def open_input_file(location: str | Path):
     random-access file: one ranged GET per read); FileNotFoundError naming the location."""
     if not is_remote(location):
         return open(local_path(location), "rb", buffering=0)
+    return _open_object(location, lambda fs, path: fs.open_input_file(path))
+
+
+def _open_object(location: str | Path, opener):
+    """opener(filesystem, path) for a store's object: its failures as StorageError, a missing object
+    as FileNotFoundError naming the location."""
     fs, path = filesystem(location)
     with _errors(str(location)):
         try:
-            return fs.open_input_file(path)
+            return opener(fs, path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{location}: no such file") from None
 
