@@ -43,7 +43,8 @@ def test_a_worker_without_the_credentials_the_driver_uses_fails_naming_what_to_s
     no_credentials.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-password")
     trained = []
     no_credentials.setattr(loop, "train_rank", lambda *args: trained.append(args))
-    loop.train_worker(SimpleNamespace(train=SimpleNamespace(system_metrics_every=0), tracking_uri="", mlflow_run_id=""))
+    loop.train_worker(SimpleNamespace(train=SimpleNamespace(system_metrics_every=0, gpu=False), tracking_uri="",
+                                       mlflow_run_id=""))
     assert trained
 
 
