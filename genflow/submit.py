@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import ipaddress
 import os
 import shlex
 import sys
@@ -269,9 +270,21 @@ def runtime_env(working_dir: str = ".") -> dict:
 
 
 def names_this_machine(url: str) -> bool:
-    """Whether `url`'s host is a loopback address (localhost, 127.x, ::1)."""
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Whether `url` names a server by a host that is whichever machine uses it: a loopback name or
+    address (localhost, *.localhost, 127.x, ::1 in any spelling) or the unspecified 0.0.0.0 or ::,
+    which a connection takes as this machine's. A local store's URI (file:, sqlite:) names a path."""
+    parts = urlparse(url)
+    host = parts.hostname or ""
+    if parts.scheme in ("file", "sqlite") or not host:
+        return False
+    if host in ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback") or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a name, not an address
+        return False
+    address = getattr(address, "ipv4_mapped", None) or address  # ::ffff:127.0.0.1
+    return address.is_loopback or address.is_unspecified
 
 
 def warn_of_this_machine(env_vars: dict[str, str], address: str) -> None:

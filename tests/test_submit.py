@@ -137,6 +137,26 @@ def test_a_server_address_naming_this_machine_is_warned_of_when_the_cluster_is_e
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("url", ["http://0.0.0.0:5000", "http://[::]:5000", "http://[0:0:0:0:0:0:0:1]:5000",
+                                 "http://[::ffff:127.0.0.1]:5000", "http://localhost.localdomain:5000",
+                                 "http://mlflow.localhost:5000", "http://127.1.2.3:9000"])
+def test_every_loopback_or_unspecified_host_names_this_machine(url):
+    # 0.0.0.0 (what `mlflow server --host 0.0.0.0` prints), "::", and any loopback spelling reach
+    # the machine they are used on, as localhost does.
+    from genflow.submit import names_this_machine
+
+    assert names_this_machine(url)
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.5:5000", "http://minio.internal:9000", "http://[fd00::1]:9000",
+                                 "http://localhost-mlflow:5000", "file://localhost/abs/mlruns", "sqlite:////abs/mlflow.db"])
+def test_another_machine_or_a_local_store_is_not_named_this_machine(url):
+    # A local store's URI (file:, sqlite:) is a path, not a server: check_command warns of it.
+    from genflow.submit import names_this_machine
+
+    assert not names_this_machine(url)
+
+
 def test_the_job_is_told_which_object_store_never_its_credentials(monkeypatch, tmp_path):
     # The job's processes on the cluster use their nodes' credentials (genflow/storage.py); the
     # endpoint and region say which store, and a job's driver leaves what the job sets to the job.
