@@ -390,6 +390,8 @@ def test_a_controller_node_the_store_refuses_is_a_storage_error_saying_where_to_
     assert message.startswith(f"Ray Train's controller, on a node of the Ray cluster, could not open train.storage_path: "
                               f"{s3_bucket}/ray: the store refused")
     assert "ACCESS_DENIED" in message and "set them on every Ray node" in message and "Traceback" not in message
+    [run] = mlflow.search_runs(experiment_names=["celeba64"], output_format="list")
+    assert run.info.status == "FAILED"  # the MLflow run ends with the refusal, as with any other failure
     # Anything else the controller dies of, or a local storage's failure, stays Ray's own error.
     with pytest.raises(ray.exceptions.ActorDiedError):
         with trainer.controller_storage_refusals(f"{s3_bucket}/ray"):
