@@ -205,10 +205,12 @@ def train(family: str, params: Params, batch_source: BatchSource | None = None, 
 def controller_storage_refusals(storage: str) -> Iterator[None]:
     """A store's refusal in Ray Train's controller as genflow's StorageError.
 
-    The controller opens train.storage_path first, on whichever node Ray puts it, with that node's
-    credentials (genflow passes on no keys: genflow/storage.py). A node without them kills the
-    controller in its __init__, which reaches the driver as Ray's ActorDiedError, pyarrow's
-    message at the end of a long traceback; a driver that has the keys itself would not see why."""
+    The controller opens train.storage_path first. Ray 2.60 starts it on the driver's node (a
+    trial's, under Tune), as a Ray worker process: its credentials are those of the environment Ray
+    was started in there, not the driver's shell (genflow passes on no keys: genflow/storage.py).
+    Without them the controller dies in its __init__, which reaches the driver as Ray's
+    ActorDiedError, pyarrow's message at the end of a long traceback; a driver that has the keys
+    itself would not see why."""
     try:
         yield
     except ray.exceptions.ActorDiedError as err:
