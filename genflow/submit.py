@@ -83,7 +83,7 @@ def submit(address: str, command: list[str], wait: bool = True, working_dir: str
     """
     from ray.job_submission import JobStatus
 
-    check_command(command, Path(working_dir))
+    tracking_uri = check_command(command, Path(working_dir))
     address = address.rstrip("/")
     entrypoint = shlex.join(["genflow", *command])
     client = _connect(address)
@@ -92,7 +92,10 @@ def submit(address: str, command: list[str], wait: bool = True, working_dir: str
     os.environ[RAY_RUNTIME_ENV_IGNORE_GITIGNORE] = "1"
     try:
         job_env = runtime_env(working_dir)
-        warn_of_this_machine(job_env["env_vars"], address)
+        servers = dict(job_env["env_vars"])
+        if tracking_uri and "MLFLOW_TRACKING_URI" not in servers:  # the params' tracking.uri (-S, params.yaml)
+            servers["tracking.uri"] = tracking_uri
+        warn_of_this_machine(servers, address)
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_env)
     except RuntimeError as err:
         raise SubmitError(f"the Ray cluster at {address} refused the job: {err}") from None
@@ -169,8 +172,9 @@ def stop_job(address: str, job_id: str, wait: bool = True) -> str:
     return f"job {job_id} {client.get_job_status(job_id)}"
 
 
-def check_command(command: list[str], project: Path) -> None:
-    """Refuse, before anything is uploaded, a command that would fail or lose its results there.
+def check_command(command: list[str], project: Path) -> str | None:
+    """Refuse, before anything is uploaded, a command that would fail or lose its results there;
+    return the tracking URI the job will use (None for a command that uses none).
 
     The command is parsed as `genflow` parses it and its params are loaded as the job will load
     them (the project's params file, its -S overrides and flags, MLFLOW_TRACKING_URI); a relative
@@ -185,14 +189,14 @@ def check_command(command: list[str], project: Path) -> None:
             args = build_parser().parse_args(command)
     except SystemExit as done:
         if done.code == 0:  # --help: nothing to check
-            return
+            return None
         raise SubmitError(f"`genflow {shlex.join(command)}` is not a genflow command; nothing was submitted:\n"
                           f"{parsed.getvalue().rstrip()}") from None
     name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     if name == "data synth" and not Path(args.out).is_absolute():
         _refuse_relative({"OUT": args.out})
     if name not in PLACES:
-        return
+        return None
     params_file = project / (args.params or PARAMS_FILE)
     if args.params is not None and not params_file.is_file():
         raise SubmitError(f"--params {args.params}: no such file in {project}, which the job runs in a copy of")
@@ -207,6 +211,7 @@ def check_command(command: list[str], project: Path) -> None:
               "cluster node it runs on, where you will not see it unless every node and this machine share that "
               "folder. Run a tracking server (infra/mlflow) and set MLFLOW_TRACKING_URI=http://HOST:5000 before "
               "submitting.", file=sys.stderr)
+    return uri
 
 
 def _load(params_file: Path, overrides: list[str], flags: dict[str, str]) -> Params:

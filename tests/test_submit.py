@@ -308,6 +308,22 @@ def test_the_tracking_server_in_the_environment_counts_as_the_job_will_see_it(pr
     check_command(["train", "vae", *SHARED, "-S", "tracking.uri=sqlite:///mlflow.db"], project)
 
 
+def test_a_tracking_server_given_by_the_params_naming_this_machine_is_warned_of_too(project, capsys, monkeypatch):
+    # Without MLFLOW_TRACKING_URI the job's server is the params' tracking.uri (-S or params.yaml).
+    class Cluster:
+        def submit_job(self, entrypoint, runtime_env):
+            return "raysubmit_3"
+
+    monkeypatch.setattr("genflow.submit._connect", lambda address: Cluster())
+    submit("http://ray-head.internal:8265", ["train", "vae", *SHARED, "-S", "tracking.uri=http://127.0.0.1:5000"],
+           wait=False, working_dir=str(project))
+    assert "tracking.uri=http://127.0.0.1:5000 names this machine" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")  # the environment wins: warned of once
+    submit("http://ray-head.internal:8265", ["train", "vae", *SHARED], wait=False, working_dir=str(project))
+    said = capsys.readouterr().err
+    assert "MLFLOW_TRACKING_URI=http://localhost:5000 names this machine" in said and "tracking.uri=" not in said
+
+
 @pytest.mark.parametrize("uri", ["sqlite:////home/me/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"])
 def test_an_absolute_local_tracking_store_is_warned_about(project, capsys, uri):
     # Right on a one-machine cluster or a shared mount; elsewhere the runs stay on the node.
