@@ -418,3 +418,28 @@ def test_a_train_workers_print_is_rays_own_so_each_line_shows_once(tiny_params, 
     unpatched = builtins.print
     patch_print_function()  # what a Train worker does at its start
     assert builtins.print is unpatched
+
+
+def test_the_refusal_recognised_is_the_error_ray_trains_own_storage_context_raises(s3_bucket):
+    # The controller's __init__ error made as Ray's worker makes it (its traceback, through the
+    # pickle to the driver) from Ray Train's own StorageContext on a store that refuses it (a bucket
+    # it cannot use): the shape controller_storage_refusals reads is Ray's, not this file's.
+    import pickle
+    import traceback
+
+    from ray._private.utils import format_error_message
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from genflow import storage as stores
+    from genflow.train.trainer import controller_storage_refusals
+
+    refused = s3_bucket + "-gone/ray"
+    fs, path = stores.filesystem(refused)
+    with pytest.raises(OSError) as refusal:
+        StorageContext(storage_path=path, experiment_dir_name="run", storage_filesystem=fs)
+    backtrace = format_error_message("".join(traceback.format_exception(refusal.value)), task_exception=True)
+    died = ray.exceptions.ActorDiedError(ray.exceptions.RayTaskError(
+        "__init__", backtrace, refusal.value, proctitle="ray::TrainController.__init__", pid=1, ip="10.0.0.2"))
+    with pytest.raises(stores.StorageError, match=f"could not open train.storage_path: {refused}: the store refused"):
+        with controller_storage_refusals(refused):
+            raise pickle.loads(pickle.dumps(died))
