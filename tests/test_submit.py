@@ -149,7 +149,8 @@ def test_every_loopback_or_unspecified_host_names_this_machine(url):
 
 
 @pytest.mark.parametrize("url", ["http://10.0.0.5:5000", "http://minio.internal:9000", "http://[fd00::1]:9000",
-                                 "http://localhost-mlflow:5000", "file://localhost/abs/mlruns", "sqlite:////abs/mlflow.db"])
+                                 "http://localhost-mlflow:5000", "file://localhost/abs/mlruns",
+                                 "sqlite:////abs/mlflow.db"])
 def test_another_machine_or_a_local_store_is_not_named_this_machine(url):
     # A local store's URI (file:, sqlite:) is a path, not a server: check_command warns of it.
     from genflow.submit import names_this_machine
