@@ -127,7 +127,7 @@ class CheckpointLedger(UserCallback):
         # Unpickled when the controller starts: import MLflow (seconds) now, not in the short
         # wait after an interrupt, when the tag must be written promptly.
         self.__dict__.update(state)
-        os.environ.update(self.env)  # the store's credentials, as the workers have them
+        os.environ.update(self.env)  # which tracking store, as the workers have it (no credential values)
         from mlflow import MlflowClient
 
         self.client = MlflowClient(self.tracking_uri)
