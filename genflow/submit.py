@@ -278,8 +278,11 @@ def names_this_machine(url: str) -> bool:
     """Whether `url` names a server by a host that is whichever machine uses it: a loopback name or
     address (localhost, *.localhost, 127.x, ::1 in any spelling) or the unspecified 0.0.0.0 or ::,
     which a connection takes as this machine's. A local store's URI (file:, sqlite:) names a path."""
-    parts = urlparse(url)
-    host = parts.hostname or ""
+    try:
+        parts = urlparse(url)
+        host = parts.hostname or ""
+    except ValueError:  # malformed ("http://[::1:9000"): the job reports it where it is used
+        return False
     if parts.scheme in ("file", "sqlite") or not host:
         return False
     if host in ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback") or host.endswith(".localhost"):
