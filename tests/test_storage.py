@@ -55,21 +55,28 @@ def test_files_round_trip_through_the_store(s3_bucket, tmp_path):
     assert storage.listdir(s3_bucket) == [] and storage.missing_bucket(s3_bucket) is None
 
 
+def s3_users_keys(bucket: str) -> dict[str, str]:
+    """The keys ({"AccessKeyId", "SecretAccessKey"}) of a new IAM user of the session's S3 server,
+    allowed all of S3: keys moto checks once its settings.INITIAL_NO_AUTH_ACTION_COUNT is 0."""
+    import boto3
+
+    iam = boto3.client("iam")
+    user = f"genflow-{bucket[-12:]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    return iam.create_access_key(UserName=user)["AccessKey"]
+
+
 def test_the_filesystem_ray_pickles_holds_no_credential_and_uses_the_unpickling_processs_own(s3_bucket, monkeypatch):
     # Ray pickles RunConfig.storage_filesystem for its controller and workers, and Tune saves that
     # pickle in the store (tuner.pkl): it says which store, and every process authenticates with
     # the credentials of its own node.
-    import boto3
     import ray.cloudpickle
     from moto import settings
 
     storage.write_bytes(f"{s3_bucket}/x/a.txt", "from the driver")
-    iam = boto3.client("iam")
-    user = f"genflow-{s3_bucket[-12:]}"
-    iam.create_user(UserName=user)
-    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-    key = iam.create_access_key(UserName=user)["AccessKey"]
+    key = s3_users_keys(s3_bucket)
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks every request's keys from here
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
@@ -93,16 +100,10 @@ def test_the_filesystem_ray_pickles_holds_no_credential_and_uses_the_unpickling_
 
 def test_a_profile_set_after_the_store_was_first_used_is_used(s3_bucket, monkeypatch, tmp_path):
     # The AWS SDK reads which profile (and which files) when a filesystem is made, not at each request.
-    import boto3
     from moto import settings
 
     storage.write_bytes(f"{s3_bucket}/a.txt", "x")  # a filesystem made with the key variables
-    iam = boto3.client("iam")
-    user = f"genflow-{s3_bucket[-12:]}"
-    iam.create_user(UserName=user)
-    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-    key = iam.create_access_key(UserName=user)["AccessKey"]
+    key = s3_users_keys(s3_bucket)
     (tmp_path / "credentials").write_text(f"[genflow-test]\naws_access_key_id = {key['AccessKeyId']}\n"
                                           f"aws_secret_access_key = {key['SecretAccessKey']}\n")
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks every request's keys from here
