@@ -64,22 +64,16 @@ def test_the_cli_and_the_dvc_stage_write_the_same_outputs(tmp_path):
     assert yaml.safe_load((tmp_path / "tuned/vae.yaml").read_text())["train"]["lr"] == 1e-3
 
 
-def test_tuned_pull_writes_the_winner_a_search_logged_on_its_run(tmp_path, monkeypatch, capsys):
-    # `genflow submit -- tune vae` writes tuned/vae.yaml in the job's throwaway copy; the search
-    # also logs it on its parent run, from where `genflow tuned pull` writes it here.
+def finished_vae_search(uri: str, tmp_path):
+    """(client, experiment id, its result) of a finished vae search logged in the celeba64
+    experiment of the MLflow store at `uri` as `genflow tune` logs one (its parent run:
+    result.mlflow_run_id, named tune-vae-x)."""
     from mlflow import MlflowClient
 
-    from genflow.cli import main
     from genflow.track.mlflow import FAMILY_TAG
-    from genflow.tune.report import SEARCH_TAG, write_tuned
+    from genflow.tune.report import SEARCH_TAG
     from genflow.tune.search import log_search
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    store = ["-S", f"tracking.uri={uri}"]
-    assert main(["tuned", "pull", "vae", *store]) == 2
-    assert "no finished vae search" in capsys.readouterr().err
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("celeba64").experiment_id
     parent = client.create_run(experiment, tags={SEARCH_TAG: "tune-vae-x", FAMILY_TAG: "vae"}).info.run_id
@@ -87,6 +81,24 @@ def test_tuned_pull_writes_the_winner_a_search_logged_on_its_run(tmp_path, monke
     result.mlflow_run_id = parent
     log_search(client, result)
     client.set_terminated(parent, "FINISHED")
+    return client, experiment, result
+
+
+def test_tuned_pull_writes_the_winner_a_search_logged_on_its_run(tmp_path, monkeypatch, capsys):
+    # `genflow submit -- tune vae` writes tuned/vae.yaml in the job's throwaway copy; the search
+    # also logs it on its parent run, from where `genflow tuned pull` writes it here.
+    from genflow.cli import main
+    from genflow.track.mlflow import FAMILY_TAG
+    from genflow.tune.report import SEARCH_TAG, write_tuned
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store = ["-S", f"tracking.uri={uri}"]
+    assert main(["tuned", "pull", "vae", *store]) == 2
+    assert "no finished vae search" in capsys.readouterr().err
+    client, experiment, result = finished_vae_search(uri, tmp_path)
+    parent = result.mlflow_run_id
 
     assert main(["tuned", "pull", "vae", *store]) == 0
     write_tuned(result, tmp_path / "expected.yaml")
@@ -115,13 +127,9 @@ def test_tuned_pull_writes_the_winner_a_search_logged_on_its_run(tmp_path, monke
 
 def test_tuned_pull_reports_a_refusing_artifact_store_as_such_not_as_an_unfinished_search(
         tmp_path, monkeypatch, capsys, s3_bucket):
-    from mlflow import MlflowClient
     from moto import settings
 
     from genflow.cli import main
-    from genflow.track.mlflow import FAMILY_TAG
-    from genflow.tune.report import SEARCH_TAG
-    from genflow.tune.search import log_search
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -129,13 +137,7 @@ def test_tuned_pull_reports_a_refusing_artifact_store_as_such_not_as_an_unfinish
     store = ["-S", f"tracking.uri={uri}", "-S", f"tracking.artifact_location={s3_bucket}/mlartifacts"]
     assert main(["tuned", "pull", "vae", *store]) == 2  # creates the experiment, its artifacts in the bucket
     capsys.readouterr()
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("celeba64").experiment_id
-    parent = client.create_run(experiment, tags={SEARCH_TAG: "tune-vae-x", FAMILY_TAG: "vae"}).info.run_id
-    result = fake_result(tmp_path)
-    result.mlflow_run_id = parent
-    log_search(client, result)
-    client.set_terminated(parent, "FINISHED")
+    parent = finished_vae_search(uri, tmp_path)[2].mlflow_run_id
     assert main(["tuned", "pull", "vae", *store]) == 0  # from the bucket
     pulled = (tmp_path / "tuned/vae.yaml").read_text()
 
