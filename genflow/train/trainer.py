@@ -214,8 +214,9 @@ def controller_storage_refusals(storage: str) -> Iterator[None]:
     try:
         yield
     except ray.exceptions.ActorDiedError as err:
-        last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-        if not (stores.is_remote(storage) and "TrainController.__init__" in str(err) and last.startswith("OSError:")):
+        message = str(err).strip()
+        last = message.splitlines()[-1] if message else ""
+        if not (stores.is_remote(storage) and "TrainController.__init__" in message and last.startswith("OSError:")):
             raise
         raise stores.StorageError(f"Ray Train's controller, on a node of the Ray cluster, could not open "
                                   f"train.storage_path: {stores.refusal(storage, OSError(last.removeprefix('OSError:').strip()))}") from None
